@@ -1,0 +1,133 @@
+"""The jitted train and eval steps: one readable function each.
+
+A train step (with ``A = grad_accum_steps`` micro-batches of the global batch)::
+
+    for each micro-batch m:   (loss_m, state_m), taps_m = tap(apply)(params, x_m)
+                              G += ∂loss_m/∂θ / A,    H += rule(taps_m)    (raw Hebbian sums)
+    updates = tx.update(G, opt_state, params, hebb=H)      (ghl: sign(G) ⊙ |Ĥ| on its kernels)
+    params += updates
+
+Raw Hebbian terms add up over micro-batches (and over devices, by XLA), so ``Ĥ`` is the
+global-batch one whatever the sharding or accumulation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from ghl_jax import transform
+from ghl_jax.tap import tap
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _split(batch, parts):
+  return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), batch)
+
+
+def _l2(tree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def hebbian_stats(hebb: dict, grads: Any) -> dict:
+  """Per-layer max|H| and the fraction of weights where sign(−H) agrees with sign(G)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(grads), sep='/')
+  stats = {}
+  for path, h in hebb.items():
+    name = path.rsplit('/', 1)[0]
+    stats[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
+    stats[f'hebb/{name}/sign_agreement'] = jnp.mean(jnp.sign(-h.term) == jnp.sign(flat[path]))
+  return stats
+
+
+def finite_flags(loss, grads, hebb) -> dict:
+  """``finite/<name>`` flags, in the order a fault is reported: loss, gradients, Hebbian terms."""
+  flags = {'finite/loss': jnp.isfinite(loss)}
+  for path, g in flax.traverse_util.flatten_dict(flax.core.unfreeze(grads), sep='/').items():
+    flags[f'finite/grad/{path}'] = jnp.all(jnp.isfinite(g))
+  for path, h in hebb.items():
+    flags[f'finite/hebb/{path}'] = jnp.all(jnp.isfinite(h.term))
+  return flags
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Optional[dict],
+                    accum_steps: int = 1, lr_fns: Optional[dict] = None) -> Callable:
+  """Builds ``train_step(state, batch) -> (state, metrics)``.
+
+  ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``ghl_kwargs`` (the
+  arguments of :func:`ghl_jax.hebbian_terms`) or ``None`` for plain backprop.
+  """
+  apply = tap(model.apply) if ghl_kwargs is not None else model.apply
+  lr_fns = lr_fns or {}
+
+  def micro_step(params, batch_stats, images, labels, rng):
+    def loss_fn(p):
+      variables = {'params': p, **({'batch_stats': batch_stats} if batch_stats else {})}
+      result = apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      (logits, new_state), taps = result if ghl_kwargs is not None else (result, None)
+      return cross_entropy(logits, labels), (logits, new_state, taps)
+    (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    hebb = transform.hebbian_terms(params, taps, **ghl_kwargs) if ghl_kwargs is not None else {}
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return loss, grads, hebb, new_state.get('batch_stats', {}), correct
+
+  def train_step(state, batch):
+    params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
+    micro = _split(batch, accum_steps)
+
+    def body(carry, xs):
+      batch_stats, g_sum, h_sum, loss_sum, correct_sum = carry
+      images, labels, i = xs
+      loss, g, h, batch_stats, correct = micro_step(params, batch_stats, images, labels,
+                                                    jax.random.fold_in(rng, i))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (batch_stats, add(g_sum, g), add(h_sum, h), loss_sum + loss, correct_sum + correct), None
+
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+    h0 = jax.eval_shape(lambda: micro_step(params, state['batch_stats'], micro['image'][0],
+                                           micro['label'][0], rng)[2])
+    init = (state['batch_stats'], zeros(params), zeros(h0), jnp.zeros(()), jnp.zeros((), jnp.int32))
+    (batch_stats, grads, hebb, loss, correct), _ = jax.lax.scan(
+        body, init, (micro['image'], micro['label'], jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = loss / accum_steps
+
+    updates, opt_state = tx.update(grads, state['opt_state'], params,
+                                   **({'hebb': hebb} if ghl_kwargs is not None else {}))
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+        'loss': loss, 'accuracy': correct / batch['label'].shape[0],
+        'l2/params': _l2(params), 'l2/grads': _l2(grads), 'l2/updates': _l2(updates),
+        **{f'lr/{name}': fn(state['step']) for name, fn in lr_fns.items()},
+        **hebbian_stats(hebb, grads), **finite_flags(loss, grads, hebb),
+    }
+    new_state = dict(state, step=state['step'] + 1, params=new_params,
+                     batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model) -> Callable:
+  """``eval_step(state, batch) -> sums`` of loss, top-1 and top-5 hits over unmasked examples."""
+  def eval_step(state, batch):
+    variables = {'params': state['params'],
+                 **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+    logits = model.apply(variables, batch['image'], train=False)
+    mask = batch['mask']
+    labels = batch['label']
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    return {
+        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
+        'top1': jnp.sum((top_k[:, 0] == labels) * mask),
+        'top5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+        'count': jnp.sum(mask),
+    }
+  return eval_step

@@ -1,0 +1,82 @@
+"""Config checks run before anything is built: each bad value gives one line saying what to change."""
+from __future__ import annotations
+
+import os
+
+from ghl_jax import models
+from ghl_jax import rules
+from ghl_jax import transform
+
+METHODS = ('ghl', 'bp', 'hebbian')
+OPTIMIZERS = ('paper_sgd', 'momentum_sgd', 'adam')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot run; the message says which field to change and how."""
+
+
+def _positive(config, *fields):
+  for field in fields:
+    value = config
+    for key in field.split('.'):
+      value = value[key]
+    if not (isinstance(value, (int, float)) and value > 0):
+      raise ConfigError(f'config.{field} must be > 0, got {value!r}.')
+
+
+def _t_inv_values(t_inv):
+  return t_inv.values() if hasattr(t_inv, 'values') else [t_inv]
+
+
+def validate(config, *, device_count: int, process_count: int = 1) -> None:
+  """Raises :class:`ConfigError` for the first impossible setting of ``config``."""
+  if config.model.name not in models.names():
+    raise ConfigError(f'Unknown model {config.model.name!r} (config.model.name); known: {", ".join(models.names())}.')
+  if config.method not in METHODS:
+    raise ConfigError(f'Unknown method {config.method!r} (config.method); choose one of {METHODS}.')
+  if config.optimizer.name not in OPTIMIZERS:
+    raise ConfigError(f'Unknown optimizer {config.optimizer.name!r} (config.optimizer.name); choose one of {OPTIMIZERS}.')
+  if config.compute_dtype not in DTYPES:
+    raise ConfigError(f'config.compute_dtype must be one of {DTYPES}, got {config.compute_dtype!r}.')
+  _positive(config, 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'optimizer.lr')
+  if config.optimizer.name == 'paper_sgd':
+    _positive(config, 'optimizer.lr_conv')
+    if config.optimizer.wd_conv < 0:
+      raise ConfigError(f'config.optimizer.wd_conv must be >= 0, got {config.optimizer.wd_conv!r}.')
+  if config.num_train_steps == 0 or (config.num_train_steps < 0 and not config.num_epochs > 0):
+    raise ConfigError(f'Nothing to train: set config.num_train_steps > 0 or config.num_epochs > 0 '
+                      f'(got {config.num_train_steps} and {config.num_epochs}).')
+  for name in ('batch_size', 'eval_batch_size'):
+    size = config[name]
+    if size % device_count:
+      raise ConfigError(f'config.{name}={size} is not divisible by the {device_count} devices: '
+                        f'use a multiple of {device_count}.')
+    if size % process_count:
+      raise ConfigError(f'config.{name}={size} is not divisible by the {process_count} processes.')
+  if config.batch_size % config.grad_accum_steps:
+    raise ConfigError(f'config.batch_size={config.batch_size} must split into '
+                      f'config.grad_accum_steps={config.grad_accum_steps} equal micro-batches.')
+  if (config.batch_size // config.grad_accum_steps) % device_count:
+    raise ConfigError(f'Each micro-batch ({config.batch_size}/{config.grad_accum_steps}) must be divisible '
+                      f'by the {device_count} devices: change config.batch_size or config.grad_accum_steps.')
+  if config.method in ('ghl', 'hebbian'):
+    if config.ghl.rule not in rules.RULES:
+      raise ConfigError(f'Unknown Hebbian rule {config.ghl.rule!r} (config.ghl.rule); choose one of {sorted(rules.RULES)}.')
+    for value in _t_inv_values(config.ghl.t_inv):
+      if not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f'config.ghl.t_inv values must be > 0, got {value!r}.')
+    if config.ghl.direction not in transform.DIRECTIONS:
+      raise ConfigError(f'config.ghl.direction must be one of {transform.DIRECTIONS}, got {config.ghl.direction!r}.')
+    if config.ghl.magnitude not in transform.MAGNITUDES:
+      raise ConfigError(f'config.ghl.magnitude must be one of {transform.MAGNITUDES}, got {config.ghl.magnitude!r}.')
+
+
+def check_workdir(workdir: str) -> None:
+  """The workdir exists (or can be created) and is writable."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f'Cannot create --workdir {workdir}: {error.strerror}; choose a writable directory.') from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ConfigError(f'--workdir {workdir} is not writable; choose a writable directory.')

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Main job: DeepHebb (width 1/4) on Fashion-MNIST trained with GHL and with end-to-end BP,
+# then both test accuracies, training curves and receptive fields.
+# Usage: bash launch/quickstart.sh [WORKDIR]     (default: workdirs/quickstart; resumes if present)
+# Env: QUICKSTART_STEPS (default 900) trades time for accuracy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch/setup_env.sh
+WORKDIR="${1:-workdirs/quickstart}"
+STEPS="${QUICKSTART_STEPS:-900}"
+DATA_DIR="${TFDS_DATA_DIR:-$PWD/tfds_data}"
+export TFDS_DATA_DIR="$DATA_DIR"
+mkdir -p "$WORKDIR"
+
+# Fashion-MNIST: already imported, else tfds download when online, else Debian's package.
+if ! python -m ghl_jax.data.offline fashion_mnist --data_dir "$DATA_DIR" --check 2>/dev/null; then
+  if python -c "import urllib.request; urllib.request.urlopen('https://storage.googleapis.com', timeout=5)" 2>/dev/null \
+     && python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()"; then
+    echo "[quickstart] Fashion-MNIST downloaded by tfds into $DATA_DIR"
+  else
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+      if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -q dataset-fashion-mnist >/dev/null || true
+      fi
+    fi
+    if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+      echo "[quickstart] Fashion-MNIST is not available offline: install Debian's package (sudo apt-get install dataset-fashion-mnist) or go online." >&2
+      exit 1
+    fi
+    python -m ghl_jax.data.offline fashion_mnist --source /usr/share/datasets/fashion-mnist --data_dir "$DATA_DIR"
+  fi
+fi
+
+for METHOD in ghl bp; do
+  echo "[quickstart] training DeepHebb with ${METHOD^^} for $STEPS steps"
+  python -m experiments.main --config="experiments/configs/quickstart.py:method=$METHOD,steps=$STEPS" \
+    --config.data.data_dir="$DATA_DIR" --workdir="$WORKDIR/$METHOD"
+done
+
+python - "$WORKDIR" <<'PY'
+import sys
+from ghl_jax import metrics, plots
+workdir = sys.argv[1]
+runs = {'GHL': f'{workdir}/ghl', 'BP': f'{workdir}/bp'}
+print('\n| method | test top-1 (%) | test top-5 (%) |\n|---|---|---|')
+for label, path in runs.items():
+  last = [r for r in metrics.read(path) if 'eval/top1' in r][-1]
+  print(f"| {label} | {100 * last['eval/top1']:.2f} | {100 * last['eval/top5']:.2f} |")
+print('\ncurves:', plots.plot_curves(runs, f'{workdir}/curves.png'))
+for label, path in runs.items():
+  out = plots.plot_fields(plots.latest_params(path)['conv1']['kernel'], f'{path}/receptive_fields.png',
+                          f'{label}: conv1 receptive fields')
+  print('receptive fields:', out)
+PY
