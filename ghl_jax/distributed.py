@@ -5,14 +5,15 @@ import os
 
 import jax
 
-_MULTI_HOST_HINTS = ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')
+_MULTI_HOST_HINTS = ('GHL_MULTIHOST', 'JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS')
 
 
 def initialize() -> None:
   """Joins the multi-controller runtime when launched on several hosts.
 
   ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` are passed explicitly;
-  SLURM and TPU VM slices are auto-detected by JAX. On one host nothing happens. CPU runs use
+  under SLURM or with ``GHL_MULTIHOST=1`` (TPU VM slices) JAX discovers them. On one host
+  nothing happens. CPU runs use
   gloo collectives.
   """
   env = os.environ

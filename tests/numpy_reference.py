@@ -163,7 +163,7 @@ def hpca(sites):
   blocks = []
   for g in range(sites.groups):
     yg = y[:, g]
-    decay = sites.w[g] @ np.tril(yg.T @ yg)
+    decay = sites.w[g] @ np.tril(yg.T @ yg).T
     blocks.append((sites.x[:, g].T @ yg - decay) / sites.n)
   return sites.to_kernel(np.stack(blocks))
 
