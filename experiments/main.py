@@ -5,12 +5,16 @@ Any field can be overridden, e.g. ``--config.batch_size=128 --config.model.name=
 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (or run under
 SLURM / on a TPU VM slice, where they are discovered) and start the same command on every host.
 """
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from ghl_jax import distributed
 from ghl_jax import train
+from ghl_jax.data import DatasetMissingError
+from ghl_jax.validate import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).', lock_config=True)
@@ -22,7 +26,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   distributed.initialize()
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DatasetMissingError, train.NumericalError) as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

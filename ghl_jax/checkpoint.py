@@ -14,6 +14,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from ghl_jax.validate import ConfigError
+
 IDENTITY_FIELDS = ('model.name', 'data.name')
 
 
@@ -67,7 +69,7 @@ def check_workdir_identity(config, workdir: str, *, write: bool) -> None:
     differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if differ and not config.get('force', False):
       what = ', '.join(f'{k}={old!r} there but {new!r} now' for k, (old, new) in differ.items())
-      raise ValueError(f'Workdir {workdir} belongs to another run ({what}): use a new --workdir, '
+      raise ConfigError(f'Workdir {workdir} belongs to another run ({what}): use a new --workdir, '
                        'or --config.force=True to resume it anyway.')
     if not differ:
       return

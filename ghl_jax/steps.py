@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import transform
 from ghl_jax.tap import tap
 
@@ -32,7 +33,7 @@ def _split(batch, parts):
 
 
 def _l2(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def hebbian_stats(hebb: dict, grads: Any) -> dict:
@@ -57,17 +58,24 @@ def finite_flags(loss, grads, hebb) -> dict:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Optional[dict],
-                    accum_steps: int = 1, lr_fns: Optional[dict] = None) -> Callable:
+                    accum_steps: int = 1, lr_fns: Optional[dict] = None,
+                    trainable: Optional[str] = None) -> Callable:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``ghl_kwargs`` (the
-  arguments of :func:`ghl_jax.hebbian_terms`) or ``None`` for plain backprop.
+  arguments of :func:`ghl_jax.hebbian_terms`) or ``None`` for plain backprop. ``trainable``
+  (a regex over param paths) makes it a linear-probe step: backprop stops at the params it
+  does not match, and their BatchNorms use (and keep) their running averages.
   """
   apply = tap(model.apply) if ghl_kwargs is not None else model.apply
+  if trainable is not None:
+    apply = hebbian_lib.frozen_features(apply, trainable)
   lr_fns = lr_fns or {}
 
   def micro_step(params, batch_stats, images, labels, rng):
     def loss_fn(p):
+      if trainable is not None:
+        p = hebbian_lib.stop_frozen(p, trainable)
       variables = {'params': p, **({'batch_stats': batch_stats} if batch_stats else {})}
       result = apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       (logits, new_state), taps = result if ghl_kwargs is not None else (result, None)
@@ -112,6 +120,40 @@ def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Opti
     return new_state, metrics
 
   return train_step
+
+
+def make_hebbian_step(model, tx: optax.GradientTransformation, *, hebbian_kwargs: dict) -> Callable:
+  """Builds ``hebbian_step(state, batch) -> (state, metrics)``: one unsupervised step.
+
+  One forward pass in train mode (BatchNorm batch statistics, running averages updated, no
+  backprop, labels unused); raw local terms ``H`` from the taps (``hebbian_kwargs`` are the
+  arguments of :func:`ghl_jax.hebbian_terms`); then ``tx.update(..., hebb=H)``, e.g.
+  :func:`ghl_jax.hebbian.hebbian_ascent`: ``W_k ← W_k + η_k Ĥ_k``.
+  """
+  apply = tap(model.apply)
+
+  def hebbian_step(state, batch):
+    params = state['params']
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    variables = {'params': params, **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+    (_, new_state), taps = apply(variables, batch['image'], train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': rng})
+    hebb = transform.hebbian_terms(params, taps, **hebbian_kwargs)
+    template = jax.tree.map(jnp.zeros_like, params)
+    updates, opt_state = tx.update(template, state['opt_state'], params, hebb=hebb)
+    new_params = optax.apply_updates(params, updates)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(new_params), sep='/')
+    metrics = {'l2/params': _l2(params), 'l2/updates': _l2(updates)}
+    for path, h in hebb.items():
+      name = path.rsplit('/', 1)[0]
+      metrics[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
+      metrics[f'hebb/{name}/neuron_norm'] = jnp.mean(hebbian_lib.neuron_norms(flat[path], h.stacked))
+      metrics[f'finite/hebb/{path}'] = jnp.all(jnp.isfinite(h.term))
+    new_state = dict(state, step=state['step'] + 1, params=new_params,
+                     batch_stats=new_state.get('batch_stats', {}), opt_state=opt_state)
+    return new_state, metrics
+
+  return hebbian_step
 
 
 def make_eval_step(model) -> Callable:

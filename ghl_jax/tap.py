@@ -82,7 +82,9 @@ class Layer:
   def kernel_product(self, x: jax.Array, y: jax.Array, kernel_shape) -> jax.Array:
     """``Σ_sites y ⊗ x`` with the shape of the kernel, accumulated in float32."""
     x = x.astype(jnp.float32)
-    zero = jnp.zeros(kernel_shape, jnp.float32)
+    # zeros_like keeps x's per-device type inside shard_map: a vjp with respect to a
+    # device-invariant kernel would sum the cotangent over devices.
+    zero = jnp.zeros_like(x, shape=kernel_shape)
     _, pullback = jax.vjp(lambda k: self.apply(k, x), zero)
     return pullback(y.astype(jnp.float32))[0]
 

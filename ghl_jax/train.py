@@ -22,6 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ghl_jax import data as data_lib
+from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import models
 from ghl_jax import optim
 from ghl_jax import steps as steps_lib
@@ -43,7 +44,7 @@ def make_mesh() -> jax.sharding.Mesh:
 
 def enable_compilation_cache(path: str | None) -> None:
   """Persistent XLA cache: restarts after preemption skip recompilation."""
-  if path:
+  if path and path != 'None':
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
@@ -54,8 +55,24 @@ def total_steps(config, num_train_examples: int) -> tuple[int, int]:
   if per_epoch <= 0:
     raise validate.ConfigError(f'config.batch_size={config.batch_size} exceeds the {num_train_examples} '
                                'training examples; lower it.')
-  steps = config.num_train_steps if config.num_train_steps > 0 else int(config.num_epochs * per_epoch)
+  first = hebbian_steps(config, num_train_examples)
+  steps = config.num_train_steps if config.num_train_steps > 0 else first + int(config.num_epochs * per_epoch)
+  if config.method == 'hebbian' and steps <= first:
+    raise validate.ConfigError(f'{steps} steps in all leave none for the probe after the {first} Hebbian '
+                               'steps: raise config.num_train_steps or lower config.hebbian.num_steps/epochs.')
   return steps, per_epoch
+
+
+def hebbian_steps(config, num_train_examples: int) -> int:
+  """Steps of the unsupervised phase of method 'hebbian' (0 for the other methods):
+  ``config.hebbian.num_steps`` if >= 0, else ``epochs`` passes at ``config.hebbian.batch_size``."""
+  if config.method != 'hebbian':
+    return 0
+  h = config.hebbian
+  if h.num_steps >= 0:
+    return int(h.num_steps)
+  examples = config.steps_per_epoch * config.batch_size if config.steps_per_epoch > 0 else num_train_examples
+  return int(h.epochs * (examples // h.batch_size))
 
 
 def build_model(config, num_classes: int):
@@ -65,11 +82,17 @@ def build_model(config, num_classes: int):
   return models.build(config.model.name, **kwargs)
 
 
-def ghl_kwargs(config, kernels) -> dict:
-  """Arguments of :func:`ghl_jax.hebbian_terms` for this run."""
-  t_inv = config.ghl.t_inv
-  return {'rule': config.ghl.rule, 't_inv': dict(t_inv) if hasattr(t_inv, 'items') else t_inv,
-          'layers': tuple(kernels), 'rule_kwargs': dict(config.ghl.rule_kwargs)}
+def _plain(value):
+  """A float, or a per-layer ConfigDict as a plain dict."""
+  return dict(value) if hasattr(value, 'items') else value
+
+
+def ghl_kwargs(config, kernels, section: str = 'ghl') -> dict:
+  """Arguments of :func:`ghl_jax.hebbian_terms` for this run (rule settings of ``config.ghl``,
+  or of ``config.hebbian`` with ``section='hebbian'``)."""
+  rule = config[section]
+  return {'rule': rule.rule, 't_inv': _plain(rule.t_inv), 'layers': tuple(kernels),
+          'rule_kwargs': dict(rule.rule_kwargs)}
 
 
 def ghl_kernels(model, sample, layers) -> tuple[str, ...]:
@@ -80,8 +103,37 @@ def ghl_kernels(model, sample, layers) -> tuple[str, ...]:
   return tuple(transform.selected_layers(jax.eval_shape(traced), layers))
 
 
-def make_optimizer(config, total: int, kernels):
-  """``(tx, lr_fns)``: the configured optimizer (with GHL on ``kernels`` when method='ghl')."""
+def base_optimizer(o, total: int):
+  """The backprop optimizer ``config.optimizer`` names (momentum SGD or Adam) over ``total`` steps."""
+  if o.name == 'momentum_sgd':
+    return optim.momentum_sgd(lr=o.lr, total_steps=total, momentum=o.momentum,
+                              weight_decay=o.weight_decay, nesterov=o.nesterov, warmup_steps=o.warmup_steps)
+  return optim.adam(lr=o.lr, total_steps=total, weight_decay=o.weight_decay)
+
+
+def make_hebbian_optimizer(config, total: int, kernels, first: int):
+  """``(tx, lr_fns)`` of method 'hebbian': Hebbian ascent on ``kernels`` for the first ``first``
+  steps, then ``config.optimizer`` on the params matching ``config.hebbian.trainable`` (the
+  probe; the rest frozen) for the remaining ``total - first`` steps."""
+  h, o = config.hebbian, config.optimizer
+  probe_steps = total - first
+  if h.probe_schedule == 'halving':
+    probe = hebbian_lib.halving_adam(lr=o.lr, total_steps=probe_steps, weight_decay=o.weight_decay)
+    schedule = hebbian_lib.halving_schedule(o.lr, probe_steps)
+  else:
+    probe, schedule = base_optimizer(o, probe_steps), optim.cosine(o.lr, probe_steps)
+  ascent = hebbian_lib.hebbian_ascent(
+      _plain(h.lr), layers=tuple(kernels), rule=h.rule, t_inv=_plain(h.t_inv),
+      rule_kwargs=dict(h.rule_kwargs), norm_power=h.norm_power)
+  tx = hebbian_lib.two_phase(ascent, hebbian_lib.probe_only(probe, h.trainable))
+  return tx, {'probe': lambda step: schedule(step - first)}
+
+
+def make_optimizer(config, total: int, kernels, first: int = 0):
+  """``(tx, lr_fns)``: the configured optimizer (with GHL on ``kernels`` when method='ghl'; the
+  two phases of :func:`make_hebbian_optimizer` when method='hebbian')."""
+  if config.method == 'hebbian':
+    return make_hebbian_optimizer(config, total, kernels, first)
   o = config.optimizer
   use_ghl = config.method == 'ghl'
   ghl_args = dict(t_inv=ghl_kwargs(config, kernels)['t_inv'], rule=config.ghl.rule,
@@ -91,11 +143,7 @@ def make_optimizer(config, total: int, kernels):
     tx = optim.paper_sgd(lr=o.lr, lr_conv=o.lr_conv, wd_conv=o.wd_conv, total_steps=total,
                          kernels=kernels, use_ghl=use_ghl, **ghl_args)
     return tx, {'ghl': optim.cosine(o.lr_conv, total), 'other': optim.cosine(o.lr, total)}
-  if o.name == 'momentum_sgd':
-    base = optim.momentum_sgd(lr=o.lr, total_steps=total, momentum=o.momentum,
-                              weight_decay=o.weight_decay, nesterov=o.nesterov, warmup_steps=o.warmup_steps)
-  else:
-    base = optim.adam(lr=o.lr, total_steps=total, weight_decay=o.weight_decay)
+  base = base_optimizer(o, total)
   tx = optax.chain(transform.ghl(layers=kernels, **ghl_args), base) if use_ghl else base
   return tx, {'all': optim.cosine(o.lr, total)}
 
@@ -157,8 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
 
-  kernels = ghl_kernels(model, sample, config.ghl.layers) if config.method == 'ghl' else ()
-  tx, lr_fns = make_optimizer(config, total, kernels)
+  rule_section = 'hebbian' if config.method == 'hebbian' else 'ghl'
+  kernels = ghl_kernels(model, sample, config[rule_section].layers) if config.method != 'bp' else ()
+  first = hebbian_steps(config, info.num_train)     # unsupervised steps before the probe
+  tx, lr_fns = make_optimizer(config, total, kernels, first)
 
   def init_state(rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -178,30 +228,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                'Resuming' if start else 'Starting', start, total, per_epoch, jax.device_count())
 
   train_step = jax.jit(
-      steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if kernels else None,
-                                accum_steps=config.grad_accum_steps, lr_fns=lr_fns),
+      steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if config.method == 'ghl' else None,
+                                accum_steps=config.grad_accum_steps, lr_fns=lr_fns,
+                                trainable=config.hebbian.trainable if first else None),
       donate_argnums=(0,), out_shardings=(replicated, replicated))
+  hebbian_step = jax.jit(
+      steps_lib.make_hebbian_step(model, tx, hebbian_kwargs=ghl_kwargs(config, kernels, 'hebbian')),
+      donate_argnums=(0,), out_shardings=(replicated, replicated)) if first else None
   eval_step = jax.jit(steps_lib.make_eval_step(model), out_shardings=replicated)
 
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
-  progress = Progress(total, config.batch_size, start)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-  batches = data_lib.train_batches(config.data, batch_size=config.batch_size, seed=config.seed,
-                                   start_step=start, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+
+  def phase_batch_size(step):
+    return config.hebbian.batch_size if step < first else config.batch_size
+
+  def batches_from(step):
+    """The batch stream from global ``step``; the probe's stream starts at step ``first``."""
+    return data_lib.train_batches(config.data, batch_size=phase_batch_size(step), seed=config.seed,
+                                  start_step=step if step < first else step - first,
+                                  process_index=jax.process_index(), process_count=jax.process_count())
+
+  progress = Progress(total, phase_batch_size(start), start)
+  batches = batches_from(start)
   preemption = _Preemption()
   final = {}
   pending = None                                   # (step, metrics) of the step in flight
   try:
     for step in range(start, total):
+      if step == first and step != start:        # Hebbian phase over: the probe begins
+        batches, progress = batches_from(step), Progress(total, config.batch_size, step)
       batch = jax.make_array_from_process_local_data(batch_sharding, next(batches))
-      state, metrics = train_step(state, batch)
+      state, metrics = (hebbian_step if step < first else train_step)(state, batch)
+      if first:
+        metrics = dict(metrics, phase=1 if step < first else 2)
       if pending is not None:
         _report(pending, writer, progress, config)
       pending = (step + 1, metrics)
       done = step + 1
-      if done % eval_every == 0 or done == total:
+      if (done > first and (done - first) % eval_every == 0) or done == total:
         _report(pending, writer, progress, config)
         pending = None
         final = evaluate(eval_step, state, config, mesh)
@@ -235,4 +301,4 @@ def _report(pending, writer, progress, config) -> None:
   if step % config.log_every_steps == 0:
     scalars = {k: v for k, v in metrics.items() if not k.startswith('finite/')}
     writer.write(step, scalars)
-    progress.log(step, {k: scalars[k] for k in ('loss', 'accuracy')})
+    progress.log(step, {k: scalars[k] for k in ('phase', 'loss', 'accuracy') if k in scalars})

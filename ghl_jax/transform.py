@@ -69,18 +69,24 @@ def selected_layers(taps: Mapping, layers: Layers = None) -> dict:
   return chosen
 
 
-def t_inv_for(path: str, t_inv: TInv) -> float:
-  """``t_inv`` of one layer: a float, or a mapping from module path (exact, then regex) to float."""
-  if not isinstance(t_inv, Mapping):
-    return float(t_inv)
+def per_layer(path: str, value: TInv, default: Optional[float] = None) -> Optional[float]:
+  """A per-layer setting of the kernel at ``path``: ``value`` itself if it is a float, else
+  its entry for the module path (exact, then the first regex found in ``path``), else ``default``."""
+  if not isinstance(value, Mapping):
+    return float(value)
   module = path.rsplit('/', 1)[0]
   for key in (module, path):
-    if key in t_inv:
-      return float(t_inv[key])
-  for pattern, value in t_inv.items():
+    if key in value:
+      return float(value[key])
+  for pattern, entry in value.items():
     if re.search(pattern, path):
-      return float(value)
-  return 1.0
+      return float(entry)
+  return default
+
+
+def t_inv_for(path: str, t_inv: TInv) -> float:
+  """``t_inv`` of one layer: a float, or a mapping from module path (exact, then regex) to float."""
+  return per_layer(path, t_inv, 1.0)
 
 
 def _get(tree: Any, path: str):

@@ -60,7 +60,9 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
   if (config.batch_size // config.grad_accum_steps) % device_count:
     raise ConfigError(f'Each micro-batch ({config.batch_size}/{config.grad_accum_steps}) must be divisible '
                       f'by the {device_count} devices: change config.batch_size or config.grad_accum_steps.')
-  if config.method in ('ghl', 'hebbian'):
+  if config.method == 'hebbian':
+    _validate_hebbian(config, device_count)
+  if config.method == 'ghl':
     if config.ghl.rule not in rules.RULES:
       raise ConfigError(f'Unknown Hebbian rule {config.ghl.rule!r} (config.ghl.rule); choose one of {sorted(rules.RULES)}.')
     for value in _t_inv_values(config.ghl.t_inv):
@@ -70,6 +72,29 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
       raise ConfigError(f'config.ghl.direction must be one of {transform.DIRECTIONS}, got {config.ghl.direction!r}.')
     if config.ghl.magnitude not in transform.MAGNITUDES:
       raise ConfigError(f'config.ghl.magnitude must be one of {transform.MAGNITUDES}, got {config.ghl.magnitude!r}.')
+
+
+def _validate_hebbian(config, device_count: int) -> None:
+  """Method 'hebbian': the rule and phase-1 settings in ``config.hebbian`` and a BP probe optimizer."""
+  h = config.hebbian
+  if h.rule not in rules.RULES:
+    raise ConfigError(f'Unknown Hebbian rule {h.rule!r} (config.hebbian.rule); choose one of {sorted(rules.RULES)}.')
+  for field in ('t_inv', 'lr'):
+    for value in _t_inv_values(h[field]):
+      if not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f'config.hebbian.{field} values must be > 0, got {value!r}.')
+  if h.norm_power is not None and not h.norm_power >= 0:
+    raise ConfigError(f'config.hebbian.norm_power must be >= 0 or None, got {h.norm_power!r}.')
+  if h.num_steps < 0 and not h.epochs > 0:
+    raise ConfigError(f'config.hebbian.epochs must be > 0 (or set config.hebbian.num_steps >= 0), got {h.epochs!r}.')
+  if not (isinstance(h.batch_size, int) and h.batch_size > 0) or h.batch_size % device_count:
+    raise ConfigError(f'config.hebbian.batch_size={h.batch_size!r} must be a positive multiple of the '
+                      f'{device_count} devices.')
+  if h.probe_schedule not in ('cosine', 'halving'):
+    raise ConfigError(f"config.hebbian.probe_schedule must be 'cosine' or 'halving', got {h.probe_schedule!r}.")
+  if config.optimizer.name == 'paper_sgd' or (h.probe_schedule == 'halving' and config.optimizer.name != 'adam'):
+    raise ConfigError(f'The probe of method hebbian trains with config.optimizer.name=momentum_sgd or adam '
+                      f'(adam for probe_schedule=halving), got {config.optimizer.name!r}.')
 
 
 def check_workdir(workdir: str) -> None:

@@ -12,8 +12,8 @@ Every rule is then written in the matrix form of algorithm.md, in float64:
     hpca:         y = ReLU(u);   H = (Xᵀ Y − W tril(YᵀY)ᵀ) / N   (within each group)
     oja:          y = u;   hebb: H = Xᵀ u
 
-The geometry (strides, padding, dilation, groups) is read from the tapped ``Layer``'s fields;
-nothing else of ghl_jax is used.
+The geometry (strides, padding, dilation, groups) is read from the ``fields`` of a tapped
+``Layer`` (or of a hand-made :class:`Geometry`); nothing else of ghl_jax is used.
 """
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def im2col(x, kernel_spatial, strides=1, padding='VALID', dilation=1):
       index = tuple(p * s + o * d for p, s, o, d in zip(pos, strides, off, dilation))
       patches[(slice(None),) + pos + off] = xp[(slice(None),) + index]
   return patches
+
+
+class Geometry:
+  """Conv geometry with the field names of a tapped ``Layer`` (for layers built by hand)."""
+
+  def __init__(self, kernel_size, strides=1, padding='SAME', kernel_dilation=1,
+               feature_group_count=1):
+    self.fields = (('kernel_size', tuple(kernel_size)), ('strides', strides),
+                   ('padding', padding), ('input_dilation', 1),
+                   ('kernel_dilation', kernel_dilation),
+                   ('feature_group_count', feature_group_count))
 
 
 class Sites:

@@ -46,23 +46,16 @@ def manual_forward(params, x):
   """Numpy forward pass of ``Net``: ``{path: (inputs, outputs)}`` and the logits."""
   x = np.asarray(x, np.float64)
   calls = {}
-  stem = ref.Sites(x, params['stem']['kernel'], _conv_layer((3, 3), 2, 'SAME'),
+  stem = ref.Sites(x, params['stem']['kernel'], ref.Geometry((3, 3), 2, 'SAME'),
                    params['stem']['bias']).outputs()
   calls['stem'] = (x, stem)
   h = np.maximum(stem, 0)
-  conv = ref.Sites(h, params['block']['conv']['kernel'], _conv_layer((3, 3), 1, 'VALID')).outputs()
+  conv = ref.Sites(h, params['block']['conv']['kernel'], ref.Geometry((3, 3), 1, 'VALID')).outputs()
   calls['block/conv'] = (h, conv)
   h = np.maximum(conv, 0).reshape(x.shape[0], -1)
   logits = h @ np.asarray(params['head']['kernel']) + np.asarray(params['head']['bias'])
   calls['head'] = (h, logits)
   return calls, logits
-
-
-def _conv_layer(kernel_size, strides, padding):
-  """A geometry-only stand-in for the reference (fields as a tapped Layer has them)."""
-  fields = (('kernel_size', kernel_size), ('strides', strides), ('padding', padding),
-            ('input_dilation', 1), ('kernel_dilation', 1), ('feature_group_count', 1))
-  return type('Geometry', (), {'fields': fields})()
 
 
 def _entry(taps, path):

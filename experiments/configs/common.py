@@ -7,6 +7,7 @@ A config file defines ``get_config(arg=None)`` returning an ``ml_collections.Con
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 CIFAR_HALF = 'half'   # the paper's ToTensor + Normalize(0.5, 0.5): pixels in [-1, 1]
 WIDTH_MODELS = ('deephebb', 'deephebb_softhebb', 'fasthebb')
@@ -49,8 +50,8 @@ def base() -> ml_collections.ConfigDict:
   c.method = 'ghl'                      # 'ghl' | 'bp' | 'hebbian' (unsupervised rule, then probe)
   c.model = ml_collections.ConfigDict({'name': 'deephebb', 'kwargs': ml_collections.ConfigDict()})
   c.data = ml_collections.ConfigDict({
-      'name': 'cifar10', 'data_dir': None, 'download': False, 'manual_dir': None,
-      'train_split': 'train', 'eval_split': 'test', 'augment': 'none', 'image_size': None,
+      'name': 'cifar10', 'data_dir': placeholder(str), 'download': False, 'manual_dir': placeholder(str),
+      'train_split': 'train', 'eval_split': 'test', 'augment': 'none', 'image_size': placeholder(int),
       'normalize': CIFAR_HALF, 'shuffle_buffer': 50_000,
   })
   c.batch_size = 64
@@ -65,16 +66,26 @@ def base() -> ml_collections.ConfigDict:
       'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4, 'warmup_steps': 0,
   })
   c.ghl = ml_collections.ConfigDict({
-      'layers': None,                    # None: every nn.Conv kernel; else regex over kernel paths
-      't_inv': 1.0,                      # float or {module path or regex: float}
+      'layers': placeholder(str),        # None: every nn.Conv kernel; else regex over kernel paths
+      't_inv': ml_collections.ConfigDict(),  # {module path or regex: t_inv}; unmatched: 1.0
       'rule': 'softmax_oja', 'rule_kwargs': ml_collections.ConfigDict(),
       'direction': 'gradient', 'magnitude': 'hebbian',
-  })
+  }, type_safe=False)                    # t_inv may become a per-layer mapping
+  c.hebbian = ml_collections.ConfigDict({   # method 'hebbian': local rule (phase 1), then a probe
+      'layers': None,                    # kernels trained by the rule; None: every nn.Conv kernel
+      'rule': 'softhebb', 't_inv': 1.0, 'rule_kwargs': ml_collections.ConfigDict(),
+      'lr': 0.01,                        # float or {module path or regex: float}
+      'norm_power': None,                # SoftHebb's rate lr·(|‖W_k‖−1|+1e-10)^p; None: constant lr
+      'epochs': 1.0, 'num_steps': -1,    # num_steps >= 0 overrides epochs
+      'batch_size': 10,
+      'trainable': r'classifier',        # regex of the params the probe trains (the rest frozen)
+      'probe_schedule': 'cosine',        # or 'halving' (Adam halved at 20/35/50/60/70/80/90 %)
+  }, type_safe=False)                    # lr and t_inv may become per-layer mappings
   c.log_every_steps = 50
   c.eval_every_steps = -1                # -1: once per epoch
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
-  c.compilation_cache_dir = '~/.cache/ghl_jax/xla'
+  c.compilation_cache_dir = '~/.cache/ghl_jax/xla'  # '' disables the persistent cache
   c.force = False                        # resume a workdir written by a different model/dataset
   c.sweep = ()                           # list of override dicts, expanded by launch/sweep.py
   return c
@@ -85,8 +96,9 @@ def paper_recipe(c: ml_collections.ConfigDict, model: str) -> None:
   lr_conv, wd_conv, lr = {'deephebb': (1e-2, 5e-2, 5e-3), 'fasthebb': (5e-2, 1e-2, 1e-4)}[model]
   c.optimizer.update({'name': 'paper_sgd', 'lr': lr, 'lr_conv': lr_conv, 'wd_conv': wd_conv})
   c.batch_size, c.num_epochs = 64, 100
+  c.model.kwargs.width = 1.0
   if model == 'deephebb':
-    c.ghl.t_inv = dict(DEEPHEBB_T_INV)
+    c.ghl.t_inv = ml_collections.ConfigDict(DEEPHEBB_T_INV)
 
 
 def apply_runlocal(c: ml_collections.ConfigDict) -> None:

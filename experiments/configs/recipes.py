@@ -44,8 +44,9 @@ def imagenet(model: str, method: str, arg=None) -> ml_collections.ConfigDict:
   c.method = method
   c.model.name = model
   c.data.update(IMAGENET_DATA)
-  if model in ('deephebb', 'fasthebb'):
+  if model in common.WIDTH_MODELS:
     c.data.image_size = 64
+    c.model.kwargs.width = 1.0
   c.batch_size, c.eval_batch_size, c.num_epochs = 256, 500, 90
   if method == 'ghl':
     c.optimizer.update({'name': 'paper_sgd', 'lr': 0.1, 'lr_conv': 1e-2, 'wd_conv': 5e-4})

@@ -34,7 +34,8 @@ def triangle(u: jax.Array, power: float) -> jax.Array:
   return jnp.where(positive, jnp.where(positive, centred, 1) ** power, 0).astype(u.dtype)
 
 
-def _uniform_classifier(key, shape, dtype=jnp.float32):
+def uniform_classifier(key, shape, dtype=jnp.float32):
+  """``U[0, 0.1105)``, SoftHebb's classifier init."""
   return jax.random.uniform(key, shape, dtype, 0.0, CLASSIFIER_BOUND)
 
 
@@ -56,6 +57,6 @@ class DeepHebbSoftHebb(nn.Module):
       x = pool(triangle(x, power))
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, kernel_init=_uniform_classifier,
+    logits = nn.Dense(self.num_classes, kernel_init=uniform_classifier,
                       bias_init=torch_bias(x.shape[-1]), dtype=self.dtype, name='classifier')(x)
     return logits.astype(jnp.float32)

@@ -84,7 +84,7 @@ class ViT(nn.Module):
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f'ViT image size {images.shape[1:3]} must be a multiple of patch_size={p}.')
     if self.hidden_dim % self.heads:
-      raise ValueError(f'ViT width={self.hidden_dim} must be a multiple of heads={self.heads}.')
+      raise ValueError(f'ViT hidden_dim={self.hidden_dim} must be a multiple of heads={self.heads}.')
     patch_fan_in = p * p * images.shape[-1]
     x = nn.Conv(self.hidden_dim, (p, p), strides=p, padding='VALID', kernel_init=torch_kernel,
                 bias_init=torch_bias(patch_fan_in), dtype=self.dtype, name='patch_conv')(
