@@ -33,7 +33,8 @@ def parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compilation')
   parser.add_argument('--image-size', type=int, default=32)
   parser.add_argument('--matmul-size', type=int, default=0,
-                      help='side of the square matmul that measures peak (0: 8192 on GPU/TPU, 1024 on CPU)')
+                      help='side of the square matmul that measures peak '
+                           '(0: 8192 on GPU/TPU, 1024 on CPU)')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch < 1 or not args.width > 0:
     parser.error('--steps and --batch must be >= 1, --warmup >= 0 and --width > 0.')
@@ -100,7 +101,8 @@ def time_mode(model, batch, *, use_ghl: bool, args) -> dict:
 
 
 def table(rows, peak: float) -> str:
-  lines = ['| mode | median step (ms) | images/s | GFLOP/step | achieved TFLOP/s | % of matmul peak | compile (s) |',
+  lines = ['| mode | median step (ms) | images/s | GFLOP/step | achieved TFLOP/s '
+           '| % of matmul peak | compile (s) |',
            '|---|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     achieved = r['flops'] / r['median_s']

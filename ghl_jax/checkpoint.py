@@ -25,21 +25,37 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 2):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                            cleanup_tmp_directories=True))
 
   def save(self, step: int, state: Any, *, force: bool = False) -> None:
     self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
   def restore_latest(self, template: Any) -> Optional[Any]:
-    """The newest readable checkpoint restored onto ``template``'s structure and shardings."""
+    """The newest readable checkpoint restored onto ``template``'s structure and shardings.
+
+    An unreadable checkpoint is reported, moved aside (``checkpoints/corrupt-<step>``, so that
+    the step can be saved again) and the next older one is tried.
+    """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as error:  # pylint: disable=broad-except
+        reason = (str(error).strip().splitlines() or [''])[0][:200]
         logging.warning('Checkpoint at step %d is unreadable (%s: %s); falling back to an older one.',
-                        step, type(error).__name__, str(error).splitlines()[0][:200])
+                        step, type(error).__name__, reason)
+        print(f'warning: checkpoint at step {step} is unreadable ({type(error).__name__}); '
+              'falling back to the previous one.', flush=True)
+        self._set_aside(step)
     return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      path = os.path.join(self.directory, str(step))
+      if os.path.isdir(path):
+        os.replace(path, os.path.join(self.directory, f'corrupt-{step}'))
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

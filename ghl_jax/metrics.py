@@ -6,7 +6,7 @@ import os
 import time
 from typing import Mapping
 
-from absl import logging
+import jax
 import numpy as np
 
 
@@ -20,6 +20,16 @@ class MetricWriter:
     if enabled and tensorboard:
       from flax.metrics import tensorboard as tb  # pylint: disable=import-outside-toplevel
       self._tb = tb.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def rewind(self, step: int) -> None:
+    """Drops rows after ``step`` (the restored checkpoint): resumed runs log each step once."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip() and _complete(line) and json.loads(line)['step'] <= step]
+    with open(self.path + '.tmp', 'w') as f:
+      f.writelines(rows)
+    os.replace(self.path + '.tmp', self.path)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -38,11 +48,21 @@ class MetricWriter:
       self._tb.close()
 
 
+def _complete(line: str) -> bool:
+  try:
+    json.loads(line)
+    return True
+  except json.JSONDecodeError:     # a line cut short by a kill
+    return False
+
+
 def read(workdir: str) -> list[dict]:
   """Rows of ``metrics.jsonl``; a step logged twice (after a resume) keeps its last row."""
   rows = {}
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     for line in f:
+      if not _complete(line):
+        continue
       row = json.loads(line)
       rows[(row['step'], tuple(sorted(row)))] = row
   return sorted(rows.values(), key=lambda r: r['step'])
@@ -65,5 +85,6 @@ class Progress:
             f'{rate * self.batch:.0f} img/s | ETA {eta_text} | {shown}')
 
   def log(self, step: int, scalars: Mapping[str, float]) -> None:
-    logging.info('%s', self.line(step, scalars))
-    print(self.line(step, scalars), flush=True)
+    """Prints the line on process 0 (every process computes the same global metrics)."""
+    if jax.process_index() == 0:
+      print(self.line(step, scalars), flush=True)

@@ -68,14 +68,20 @@ def plot_fields(kernel: np.ndarray, out: str, title: str = 'First-layer receptiv
 
 
 def latest_params(workdir: str) -> dict:
-  """Params of the newest checkpoint in ``workdir`` as numpy (no model needed)."""
+  """Params of the newest checkpoint in ``workdir`` as numpy, on any device topology."""
+  import jax  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f'No checkpoint in {workdir}/checkpoints: train first or pass another --workdir.')
-  return manager.restore(step, args=ocp.args.StandardRestore())['params']
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  steps = [int(s) for s in os.listdir(directory) if s.isdigit()] if os.path.isdir(directory) else []
+  if not steps:
+    raise ValueError(f'No checkpoint in {directory}: train first or pass another workdir.')
+  path = os.path.join(directory, str(max(steps)), 'default')
+  checkpointer = ocp.StandardCheckpointer()
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = checkpointer.metadata(path).item_metadata
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), dict(metadata))
+  restored = checkpointer.restore(path, target)
+  return jax.tree.map(np.asarray, restored['params'])
 
 
 def _main(argv):

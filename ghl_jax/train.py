@@ -18,6 +18,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -79,7 +80,10 @@ def build_model(config, num_classes: int):
   kwargs = dict(config.model.kwargs)
   kwargs.setdefault('num_classes', num_classes)
   kwargs['dtype'] = jnp.dtype(config.compute_dtype)
-  return models.build(config.model.name, **kwargs)
+  try:
+    return models.build(config.model.name, **kwargs)
+  except TypeError as error:
+    raise validate.ConfigError(f'config.model.kwargs does not fit {config.model.name}: {error}') from None
 
 
 def _plain(value):
@@ -100,7 +104,10 @@ def ghl_kernels(model, sample, layers) -> tuple[str, ...]:
   def traced():
     variables = model.init(jax.random.key(0), sample, train=False)
     return tap(model.apply)(variables, sample, train=False)[1]
-  return tuple(transform.selected_layers(jax.eval_shape(traced), layers))
+  try:
+    return tuple(transform.selected_layers(jax.eval_shape(traced), layers))
+  except ValueError as error:
+    raise validate.ConfigError(f'config.ghl.layers: {error}') from None
 
 
 def base_optimizer(o, total: int):
@@ -148,11 +155,23 @@ def make_optimizer(config, total: int, kernels, first: int = 0):
   return tx, {'all': optim.cosine(o.lr, total)}
 
 
+def check_batch(batch: dict, image_shape) -> None:
+  """The first batch has the images the model was built for: shape, float dtype, finite."""
+  images = np.asarray(batch['image'])
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise validate.ConfigError(f'Input images have shape {images.shape[1:]} but the dataset info says '
+                               f'{tuple(image_shape)}: check config.data (image_size, name).')
+  if not np.issubdtype(images.dtype, np.floating):
+    raise validate.ConfigError(f'Input images are {images.dtype}, expected floats: set config.data.normalize.')
+  if not np.all(np.isfinite(images)):
+    raise validate.ConfigError('Input images contain NaN or Inf: check the dataset and config.data.normalize.')
+
+
 def _first_fault(metrics: dict) -> str | None:
-  for key, ok in metrics.items():
-    if key.startswith('finite/') and not bool(ok):
-      return key[len('finite/'):]
-  return None
+  """The first non-finite quantity: the loss, else a gradient, else a Hebbian term (by layer path)."""
+  rank = {'loss': 0, 'grad': 1, 'hebb': 2}
+  bad = [key[len('finite/'):] for key, ok in metrics.items() if key.startswith('finite/') and not bool(ok)]
+  return min(bad, key=lambda k: (rank.get(k.split('/')[0], 3), k), default=None)
 
 
 class _Preemption:
@@ -194,8 +213,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final metrics."""
   validate.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   validate.check_workdir(workdir)
+  try:
+    data_lib.ensure_available(config.data)
+  except data_lib.DatasetMissingError:
+    raise
+  except ValueError as error:              # bad data options (augment, normalize, ...)
+    raise validate.ConfigError(str(error)) from None
   check_workdir_identity(config, workdir, write=jax.process_index() == 0)
-  data_lib.ensure_available(config.data)
   enable_compilation_cache(config.get('compilation_cache_dir'))
 
   info = data_lib.info(config.data)
@@ -239,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
+  writer.rewind(start)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
 
   def phase_batch_size(step):
@@ -259,7 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for step in range(start, total):
       if step == first and step != start:        # Hebbian phase over: the probe begins
         batches, progress = batches_from(step), Progress(total, config.batch_size, step)
-      batch = jax.make_array_from_process_local_data(batch_sharding, next(batches))
+      local = next(batches)
+      if step == start:
+        check_batch(local, info.image_shape)
+      batch = jax.make_array_from_process_local_data(batch_sharding, local)
       state, metrics = (hebbian_step if step < first else train_step)(state, batch)
       if first:
         metrics = dict(metrics, phase=1 if step < first else 2)
@@ -272,7 +300,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending = None
         final = evaluate(eval_step, state, config, mesh)
         writer.write(done, final)
-        print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
+        if is_main:
+          print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
       if done % config.checkpoint_every_steps == 0 or done == total or preemption.requested:
         if pending is not None:
           _report(pending, writer, progress, config)

@@ -3,13 +3,13 @@
 * ``jax.jit`` over a ``Mesh`` (batch sharded with ``P('data')``, params replicated), in
   training mode: XLA computes the global BatchNorm statistics and the global Hebbian sums.
 * ``jax.shard_map`` and ``jax.pmap``: each device computes its own loss mean and taps; grads
-  are ``pmean``-ed and ``ghl(axis_name='data')`` psums the raw Hebbian terms. (Under
-  ``shard_map``'s default ``check_vma=True`` the gradient of a replicated input is already
-  summed over devices, so the step first casts params to per-device values with
-  ``jax.lax.pcast(params, 'data', to='varying')``; only then is ``pmean`` the global mean.) BatchNorm batch
+  are ``pmean``-ed and ``ghl(axis_name='data')`` psums the raw Hebbian terms. BatchNorm batch
   statistics would differ per device there, so these two run DeepHebb with BN in eval mode
-  (``train=False``: running averages) and ``dropout_rate=0``, where the per-device computation is
-  exactly a slice of the global one.
+  (``train=False``: running averages) and ``dropout_rate=0``, where the per-device
+  computation is exactly a slice of the global one. Under ``shard_map``'s default
+  ``check_vma=True`` the gradient of a replicated input is already summed over devices, so the
+  step first makes params per-device (``jax.lax.pcast(params, 'data', to='varying')``); only
+  then is ``pmean`` the global mean.
 """
 import functools
 
@@ -63,13 +63,21 @@ def setup(dropout_rate):
   labels = jnp.arange(GLOBAL_BATCH) % 10
   variables = model.init(jax.random.PRNGKey(1), images, train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
-  return model, params, batch_stats, make_tx().init(params), images, labels, jax.random.PRNGKey(2)
+  args = (params, batch_stats, make_tx().init(params), images, labels, jax.random.PRNGKey(2))
+  return model, args
 
 
-def single_device(model, *args, train):
+def single_device(model, args, *, train):
   """The reference: the same step on one device and the global batch."""
   on_one = jax.device_put(args, jax.devices()[0])
   return jax.jit(make_step(model, make_tx(), train=train))(*on_one)
+
+
+@pytest.fixture(scope='module')
+def eval_mode():
+  """``(model, args, single-device result)`` with BN in eval mode and no dropout."""
+  model, args = setup(dropout_rate=0.0)
+  return model, args, single_device(model, args, train=False)
 
 
 def assert_same_step(actual, expected):
@@ -86,8 +94,8 @@ def data_mesh():
 
 
 def test_jit_over_sharded_batch_equals_single_device_in_training_mode():
-  model, params, stats, opt_state, images, labels, rng = setup(dropout_rate=0.5)
-  expected = single_device(model, params, stats, opt_state, images, labels, rng, train=True)
+  model, (params, stats, opt_state, images, labels, rng) = setup(dropout_rate=0.5)
+  expected = single_device(model, (params, stats, opt_state, images, labels, rng), train=True)
   mesh = data_mesh()
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   args = (jax.device_put((params, stats, opt_state), replicated) +
@@ -99,9 +107,8 @@ def test_jit_over_sharded_batch_equals_single_device_in_training_mode():
   assert_same_step(actual, expected)
 
 
-def test_shard_map_with_axis_name_equals_single_device():
-  model, params, stats, opt_state, images, labels, rng = setup(dropout_rate=0.0)
-  expected = single_device(model, params, stats, opt_state, images, labels, rng, train=False)
+def test_shard_map_with_axis_name_equals_single_device(eval_mode):
+  model, (params, stats, opt_state, images, labels, rng), expected = eval_mode
   step = make_step(model, make_tx('data'), train=False, axis_name='data')
   mapped = jax.shard_map(step, mesh=data_mesh(),
                          in_specs=(P(), P(), P(), P('data'), P('data'), P()), out_specs=P())
@@ -109,9 +116,8 @@ def test_shard_map_with_axis_name_equals_single_device():
   assert_same_step(actual, expected)
 
 
-def test_pmap_with_axis_name_equals_single_device():
-  model, params, stats, opt_state, images, labels, rng = setup(dropout_rate=0.0)
-  expected = single_device(model, params, stats, opt_state, images, labels, rng, train=False)
+def test_pmap_with_axis_name_equals_single_device(eval_mode):
+  model, (params, stats, opt_state, images, labels, rng), expected = eval_mode
   step = make_step(model, make_tx('data'), train=False, axis_name='data')
   replicate = functools.partial(jax.tree.map, lambda a: jnp.broadcast_to(a, (DEVICES,) + a.shape))
   per_device = lambda a: a.reshape((DEVICES, -1) + a.shape[1:])
@@ -124,10 +130,9 @@ def test_pmap_with_axis_name_equals_single_device():
   assert_same_step(jax.tree.map(lambda a: a[0], actual), expected)
 
 
-def test_without_axis_name_shard_map_gives_a_different_h_hat():
+def test_without_axis_name_shard_map_gives_a_different_h_hat(eval_mode):
   """Control: without the psum each device normalises its own local term."""
-  model, params, stats, opt_state, images, labels, rng = setup(dropout_rate=0.0)
-  expected = single_device(model, params, stats, opt_state, images, labels, rng, train=False)
+  model, (params, stats, opt_state, images, labels, rng), expected = eval_mode
   step = make_step(model, make_tx(), train=False, axis_name='data')
   mapped = jax.shard_map(step, mesh=data_mesh(),
                          in_specs=(P(), P(), P(), P('data'), P('data'), P()), out_specs=P(),
@@ -135,3 +140,20 @@ def test_without_axis_name_shard_map_gives_a_different_h_hat():
   actual = jax.jit(mapped)(params, stats, opt_state, images, labels, rng)
   assert not np.allclose(actual[0]['conv1']['kernel'], expected[0]['conv1']['kernel'],
                          rtol=1e-5, atol=1e-7)
+
+
+def test_hebbian_terms_under_shard_map_are_per_device(eval_mode):
+  """Replicated params, sharded taps: psum of the local raw terms is the global-batch term."""
+  model, (params, stats, _, images, _, _), _ = eval_mode
+  variables = {'params': params, 'batch_stats': stats}
+
+  def terms(images):
+    _, taps = ghl_jax.tap(model.apply)(variables, images, train=False)
+    return ghl_jax.hebbian_terms(params, taps, t_inv=T_INV)
+
+  local_sum = jax.shard_map(lambda x: jax.lax.psum(terms(x), 'data'), mesh=data_mesh(),
+                            in_specs=P('data'), out_specs=P())
+  expected = jax.jit(terms)(images)
+  for path, term in jax.jit(local_sum)(images).items():
+    np.testing.assert_allclose(term.term, expected[path].term, rtol=1e-4,
+                               atol=1e-5 * float(jnp.abs(expected[path].term).max()), err_msg=path)
