@@ -314,7 +314,7 @@ def test_nan_stops_at_that_step_naming_it_and_keeping_the_last_checkpoint(tiny_t
       yield dict(batch, image=batch['image'] * np.nan) if step == 2 else batch
 
   monkeypatch.setattr(data_lib, 'train_batches', nan_from_step_three)
-  with pytest.raises(train.NumericalError, match=r'step 3 in loss'):
+  with pytest.raises(train.NumericalError, match=r'step 3 in (loss|grad/conv1/kernel)'):
     train.train_and_evaluate(tiny_config(*tiny_tfds, num_train_steps=4, checkpoint_every_steps=2),
                              str(tmp_path))
   assert sorted(s for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()) == ['2']
