@@ -2,7 +2,7 @@
 
 A train step (with ``A = grad_accum_steps`` micro-batches of the global batch)::
 
-    for each micro-batch m:   (loss_m, state_m), taps_m = tap(apply)(params, x_m)
+    for each micro-batch m (unrolled):   (loss_m, state_m), taps_m = tap(apply)(params, x_m)
                               G += ∂loss_m/∂θ / A,    H += rule(taps_m)    (raw Hebbian sums)
     updates = tx.update(G, opt_state, params, hebb=H)      (ghl: sign(G) ⊙ |Ĥ| on its kernels)
     params += updates
@@ -30,6 +30,10 @@ def cross_entropy(logits, labels):
 
 def _split(batch, parts):
   return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), batch)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
 
 
 def _l2(tree) -> jax.Array:
@@ -88,21 +92,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Opti
   def train_step(state, batch):
     params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
     micro = _split(batch, accum_steps)
-
-    def body(carry, xs):
-      batch_stats, g_sum, h_sum, loss_sum, correct_sum = carry
-      images, labels, i = xs
-      loss, g, h, batch_stats, correct = micro_step(params, batch_stats, images, labels,
-                                                    jax.random.fold_in(rng, i))
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (batch_stats, add(g_sum, g), add(h_sum, h), loss_sum + loss, correct_sum + correct), None
-
-    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-    h0 = jax.eval_shape(lambda: micro_step(params, state['batch_stats'], micro['image'][0],
-                                           micro['label'][0], rng)[2])
-    init = (state['batch_stats'], zeros(params), zeros(h0), jnp.zeros(()), jnp.zeros((), jnp.int32))
-    (batch_stats, grads, hebb, loss, correct), _ = jax.lax.scan(
-        body, init, (micro['image'], micro['label'], jnp.arange(accum_steps)))
+    batch_stats, grads, hebb, loss, correct = state['batch_stats'], None, None, 0.0, 0
+    for i in range(accum_steps):          # unrolled: XLA:CPU runs convs inside loops far slower
+      loss_i, g, h, batch_stats, correct_i = micro_step(
+          params, batch_stats, micro['image'][i], micro['label'][i], jax.random.fold_in(rng, i))
+      grads, hebb = (g, h) if i == 0 else (_add(grads, g), _add(hebb, h))
+      loss, correct = loss + loss_i, correct + correct_i
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = loss / accum_steps
 

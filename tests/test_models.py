@@ -16,7 +16,13 @@ from ghl_jax.models import softhebb as softhebb_lib
 from ghl_jax.models import vit as vit_lib
 
 REGISTERED = {'deephebb', 'deephebb_softhebb', 'fasthebb', 'vgg16', 'vgg16_bn', 'resnet18', 'resnet50',
-              'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202', 'vit_tiny', 'vit_b16'}
+              'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet1202',
+              'vit_tiny', 'vit_b16'}
+
+
+def rng(seed):
+  """RBG keys: XLA:CPU compiles their random bits far faster than threefry's (init dominates)."""
+  return jax.random.key(seed, impl='rbg')
 
 
 def flat(tree):
@@ -24,11 +30,11 @@ def flat(tree):
 
 
 def param_count(model, size):
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  shapes = jax.eval_shape(lambda: model.init(rng(0), jnp.zeros((1, size, size, 3)), train=False))
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes['params']))
 
 
-# ---- architecture arithmetic (weights + biases, BN scale + shift) -------------------------------------------------
+# ---- architecture arithmetic (weights + biases, BN scale + shift) --------------------------------
 
 def conv_count(c_in, c_out, k, bias=False):
   return k * k * c_in * c_out + (c_out if bias else 0)
@@ -60,7 +66,9 @@ def cifar_resnet_count(depth, classes=10):
 
 
 def vit_count(patch, tokens, hidden, depth, mlp, classes):
-  per_block = 4 * hidden + 4 * linear_count(hidden, hidden) + linear_count(hidden, mlp) + linear_count(mlp, hidden)
+  layer_norms = 2 * 2 * hidden
+  attention = 4 * linear_count(hidden, hidden)
+  per_block = layer_norms + attention + linear_count(hidden, mlp) + linear_count(mlp, hidden)
   embed = conv_count(3, hidden, patch, bias=True) + hidden + (tokens + 1) * hidden
   return embed + depth * per_block + 2 * hidden + linear_count(hidden, classes)
 
@@ -70,7 +78,7 @@ def test_registry_has_every_model_and_rejects_unknown_names():
   with pytest.raises(ValueError, match='known models: .*resnet1202'):
     models.build('resnet19')
   with pytest.raises(ValueError, match='6n\\+2'):
-    models.CifarResNet(depth=21).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+    models.CifarResNet(depth=21).init(rng(0), jnp.zeros((1, 8, 8, 3)), train=False)
 
 
 @pytest.mark.parametrize('name, size, millions', [
@@ -105,7 +113,7 @@ def test_exact_parameter_counts(name, size, expected):
   assert param_count(models.build(name), size) == expected
 
 
-# ---- numpy references of the special pieces ---------------------------------------------------------------------
+# ---- numpy references of the special pieces ------------------------------------------------------
 
 def test_triangle_matches_numpy_and_has_finite_gradients():
   u = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
@@ -130,17 +138,17 @@ def numpy_conv(x, kernel):
 
 def test_softhebb_convs_reflect_pad_and_use_large_radius_init():
   model = models.build('deephebb_softhebb', width=1 / 16)
-  images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  images = jax.random.normal(rng(1), (2, 8, 8, 3))
   init_and_tap = lambda v: (v, ghl_jax.tap(model.apply)(v, images, train=False)[1])
-  variables, taps = jax.jit(lambda: init_and_tap(model.init(jax.random.key(0), images, train=False)))()
+  variables, taps = jax.jit(lambda: init_and_tap(model.init(rng(0), images, train=False)))()
   for name, k in (('conv1', 5), ('conv2', 3)):
     x, u = np.asarray(taps[name]['inputs'], np.float64), taps[name]['outputs']
     padded = np.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)), mode='reflect')
     kernel = np.asarray(variables['params'][name]['kernel'], np.float64)
     np.testing.assert_allclose(u, numpy_conv(padded, kernel), rtol=1e-4, atol=1e-3)
-  kernel = softhebb_lib.large_radius_normal(jax.random.key(0), (5, 5, 3, 96))
+  kernel = softhebb_lib.large_radius_normal(rng(0), (5, 5, 3, 96))
   assert np.std(kernel) == pytest.approx(25 / np.sqrt(75), rel=0.05)
-  weights = softhebb_lib.uniform_classifier(jax.random.key(0), (24576, 10))
+  weights = softhebb_lib.uniform_classifier(rng(0), (24576, 10))
   assert 0 <= np.min(weights) and np.max(weights) < 0.1105
   assert np.mean(weights) == pytest.approx(0.1105 / 2, rel=0.02)
 
@@ -164,9 +172,10 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
 
   @jax.jit
   def init_zero_kernels_and_apply(x):
-    variables = block.init(jax.random.key(0), x)
+    variables = block.init(rng(0), x)
+    is_kernel = lambda path: 'kernel' in jax.tree_util.keystr(path)
     zeroed = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jnp.zeros_like(leaf) if 'kernel' in jax.tree_util.keystr(path) else leaf, variables)
+        lambda path, leaf: jnp.zeros_like(leaf) if is_kernel(path) else leaf, variables)
     return variables['params'], block.apply(zeroed, x, mutable=['batch_stats'])[0]
 
   params, out = init_zero_kernels_and_apply(x)   # the branch is 0: out = relu(shortcut(x))
@@ -178,7 +187,7 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
 def test_attention_matches_numpy_multi_head_attention():
   attention = vit_lib.SelfAttention(heads=2)
   x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
-  params = attention.init(jax.random.key(0), x)['params']
+  params = attention.init(rng(0), x)['params']
   proj = {n: (np.asarray(params[n]['kernel'], np.float64), np.asarray(params[n]['bias'], np.float64))
           for n in ('query', 'key', 'value', 'out')}
   q, k, v = (x @ proj[n][0] + proj[n][1] for n in ('query', 'key', 'value'))
@@ -195,7 +204,7 @@ def test_attention_matches_numpy_multi_head_attention():
 def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
   x = jnp.zeros((1, 4, 4, 8))
   for block, last in ((resnet_lib.BasicBlock, 'bn2'), (resnet_lib.Bottleneck, 'bn3')):
-    params = flat(jax.jit(block(planes=2, strides=2, zero_init_residual=True).init)(jax.random.key(0), x)['params'])
+    params = flat(jax.jit(block(planes=2, strides=2, zero_init_residual=True).init)(rng(0), x)['params'])
     scales = {p: params[p] for p in params if p.endswith('scale')}
     assert set(scales) == {f'bn{i}/scale' for i in range(1, int(last[-1]) + 1)} | {'shortcut_bn/scale'}
     for path, scale in scales.items():
@@ -206,7 +215,7 @@ def test_compute_dtype_keeps_float32_params_and_logits():
   model = models.build('resnet20', dtype=jnp.bfloat16)
 
   def init_and_apply(images):
-    variables = model.init(jax.random.key(0), images, train=False)
+    variables = model.init(rng(0), images, train=False)
     return variables['params'], model.apply(variables, images, train=False)
 
   params, logits = jax.eval_shape(init_and_apply, jnp.ones((2, 32, 32, 3)))
@@ -214,22 +223,22 @@ def test_compute_dtype_keeps_float32_params_and_logits():
   assert logits.dtype == jnp.float32
 
 
-# ---- one GHL train step per family -------------------------------------------------------------------------------
+# ---- one GHL train step per family ---------------------------------------------------------------
 
 LR = 0.1
 
 
 def ghl_step(model, size, layers=None, batch=4):
   """Init, then one jitted step of ``chain(ghl(layers=layers), sgd(LR))`` on random data."""
-  images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  images = jax.random.normal(rng(1), (batch, size, size, 3))
   labels = jnp.arange(batch) % 10
-  variables = model.init(jax.random.key(0), images, train=False)
+  variables = model.init(rng(0), images, train=False)
   params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
   tx = optax.chain(ghl_jax.ghl(layers=layers), optax.sgd(LR))
 
   def loss_fn(p):
     (logits, _), taps = ghl_jax.tap(model.apply)(
-        {'params': p, **state}, images, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.key(2)})
+        {'params': p, **state}, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng(2)})
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), taps
 
   @jax.jit
@@ -310,14 +319,15 @@ def test_cifar_resnet_scans_identical_blocks_with_option_b_and_remat():
 def test_resnet50_strides_on_the_3x3_conv():
   model = models.ResNet50(stage_sizes=(1, 1), width=1 / 16, small_input=True)
   images = jnp.zeros((1, 8, 8, 3))
-  _, taps = ghl_jax.tap(model.apply)(model.init(jax.random.key(0), images, train=False), images, train=False)
+  _, taps = ghl_jax.tap(model.apply)(model.init(rng(0), images, train=False), images, train=False)
   block = taps['stage2_block0']
   assert block['conv1']['outputs'].shape[1:3] == (8, 8)
   assert block['conv2']['outputs'].shape[1:3] == (4, 4)
 
 
 def test_vit_ghl_step_on_scanned_dense_layers():
-  model = models.ViT(num_classes=10, patch_size=4, hidden_dim=16, depth=2, heads=2, mlp_dim=32, dropout_rate=0.1)
+  model = models.ViT(num_classes=10, patch_size=4, hidden_dim=16, depth=2, heads=2, mlp_dim=32,
+                     dropout_rate=0.1)
   params, new_params, grads, h_hat, taps = ghl_step(model, 16, layers='encoder/')
   check_taps(params, taps, None)
   assert conv_kernels(params) == {'patch_conv/kernel'}

@@ -72,10 +72,10 @@ def base() -> ml_collections.ConfigDict:
       'direction': 'gradient', 'magnitude': 'hebbian',
   }, type_safe=False)                    # t_inv may become a per-layer mapping
   c.hebbian = ml_collections.ConfigDict({   # method 'hebbian': local rule (phase 1), then a probe
-      'layers': None,                    # kernels trained by the rule; None: every nn.Conv kernel
+      'layers': placeholder(str),        # kernels trained by the rule; None: every nn.Conv kernel
       'rule': 'softhebb', 't_inv': 1.0, 'rule_kwargs': ml_collections.ConfigDict(),
       'lr': 0.01,                        # float or {module path or regex: float}
-      'norm_power': None,                # SoftHebb's rate lr·(|‖W_k‖−1|+1e-10)^p; None: constant lr
+      'norm_power': placeholder(float),  # SoftHebb's rate lr·(|‖W_k‖−1|+1e-10)^p; None: constant lr
       'epochs': 1.0, 'num_steps': -1,    # num_steps >= 0 overrides epochs
       'batch_size': 10,
       'trainable': r'classifier',        # regex of the params the probe trains (the rest frozen)
