@@ -106,25 +106,24 @@ def shrink(c, dataset: str, args) -> None:
 
 
 class _Clock(metrics_lib.Progress):
-  """Progress that records ``(time, step, batch)`` at every log instead of printing."""
+  """Progress that records ``(time, step, images per step, phase)`` at every log instead of printing."""
   marks: list = []
 
   def log(self, step, scalars):
-    del scalars
-    _Clock.marks.append((time.perf_counter(), step, self.batch))
+    _Clock.marks.append((time.perf_counter(), step, self.batch, int(scalars.get('phase', 0))))
 
 
 def images_per_second(marks) -> dict:
-  """Per phase (batch size): images over seconds between consecutive logs, leaving out each
-  phase's first interval (it may hold the compilation of the phase's step)."""
-  rates, previous = {}, None
-  for (t0, s0, b0), (t1, s1, b1) in zip(marks, marks[1:]):
-    first_of_phase = b0 != previous
-    previous = b0
-    if b0 == b1 and s1 > s0 and not first_of_phase:
-      images, seconds = rates.get(b1, (0, 0.0))
-      rates[b1] = (images + (s1 - s0) * b1, seconds + t1 - t0)
-  return {batch: images / seconds for batch, (images, seconds) in rates.items() if seconds > 0}
+  """Per phase (0: a one-phase run; 1, 2: Hebbian phase, probe): images over seconds between
+  consecutive logs, leaving out each phase's first interval (it holds the step's compilation)."""
+  totals, previous = {}, None
+  for (t0, s0, b0, p0), (t1, s1, b1, p1) in zip(marks, marks[1:]):
+    first_of_phase = p0 != previous
+    previous = p0
+    if p0 == p1 and b0 == b1 and s1 > s0 and not first_of_phase:
+      images, seconds = totals.get(p1, (0, 0.0))
+      totals[p1] = (images + (s1 - s0) * b1, seconds + t1 - t0)
+  return {phase: images / seconds for phase, (images, seconds) in totals.items() if seconds > 0}
 
 
 def run_row(name: str, dataset: str, args) -> dict:
@@ -144,8 +143,8 @@ def run_row(name: str, dataset: str, args) -> dict:
       'name': name, 'dataset': dataset, 'arch': arch, 'label': label, 'method': config.method,
       'top1': 100 * final['eval/top1'], 'paper': common.PAPER.get((dataset, arch, method)),
       'steps': config.num_train_steps, 'hebbian_steps': config.hebbian.num_steps if hebbian else 0,
-      'images_per_s': rates.get(config.batch_size),
-      'hebbian_images_per_s': rates.get(config.hebbian.batch_size) if hebbian else None,
+      'images_per_s': rates.get(2 if hebbian else 0),
+      'hebbian_images_per_s': rates.get(1) if hebbian else None,
       'wall_s': wall, 'workdir': workdir,
   }
   print(json.dumps(row), flush=True)

@@ -9,6 +9,11 @@ each stage run under nn.scan, so compile time should stay flat and time per bloc
 
 Prints a markdown table and the three goals: ResNet-1202 compile ≤ 2× ResNet-110's, time per
 block within 25 % across depths, ResNet-1202 at the memory batch within 24 GiB.
+
+On XLA:CPU the backward convs inside a scan body run several times slower than the same convs
+unrolled (jax-ml/jax#12868: the transposed kernel keeps a non-canonical layout in loop bodies),
+so the unscanned first block of each stage is cheaper there and shallow nets, where those are a
+larger share of the blocks, show a lower time per block.
 """
 from __future__ import annotations
 

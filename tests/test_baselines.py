@@ -8,7 +8,9 @@ One step of ``hebbian_ascent`` is checked against plain numpy: the rule terms of
 The probe must leave the features (params and BatchNorm statistics) bit-identical, and a
 ``train_and_evaluate`` run with method 'hebbian' must resume exactly mid-phase and across phases.
 """
+import importlib
 import os
+import re
 import shutil
 
 import flax
@@ -23,6 +25,7 @@ import ghl_jax
 from ghl_jax import hebbian
 from ghl_jax import models
 from ghl_jax import steps as steps_lib
+from ghl_jax import validate
 import numpy_reference as ref
 
 from experiments.configs import baselines
@@ -146,6 +149,32 @@ def test_frozen_features_use_running_averages():
   frozen, _ = hebbian.frozen_features(model.apply, 'classifier')(
       variables, x, train=True, mutable=['batch_stats'])
   np.testing.assert_allclose(frozen, model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
+
+
+BASELINE_CONFIGS = sorted(
+    name for name in os.listdir(os.path.join(os.path.dirname(__file__), '..', 'experiments', 'configs'))
+    if re.search(r'_(softhebb|swta|hpca|bp_strong|ablation_\w+|ablations)\.py$', name))
+
+
+@pytest.mark.parametrize('arg', [None, 'runlocal'])
+def test_baseline_configs_validate(arg):
+  assert len(BASELINE_CONFIGS) == 20
+  for name in BASELINE_CONFIGS:
+    module = importlib.import_module(f'experiments.configs.{name[:-3]}')
+    config = module.get_config(arg)
+    validate.validate(config, device_count=1)
+    if config.method == 'hebbian' and arg == 'runlocal':
+      assert 0 < config.hebbian.num_steps < config.num_train_steps, name
+
+
+def test_ablations_switch_one_field_each():
+  reference = baselines.recipes.cifar('cifar10', 'deephebb', 'ghl').ghl.to_dict()
+  for name, (field, value) in baselines.ABLATIONS.items():
+    changed = baselines.ghl_ablation(name).ghl.to_dict()
+    diff = {k for k in reference.keys() | changed.keys() if reference.get(k) != changed.get(k)}
+    assert diff == {field.split('.')[1]}, name
+  sweep = baselines.ghl_ablation_sweep()
+  assert [dict(entry) for entry in sweep.sweep] == [{}] + [{f: v} for f, v in baselines.ABLATIONS.values()]
 
 
 def _tiny_config(dataset):
