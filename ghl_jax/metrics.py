@@ -11,7 +11,7 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends ``{'step': s, **scalars}`` to ``workdir/metrics.jsonl`` and TensorBoard."""
+  """Appends ``{'step': s, 'time': unix time, **scalars}`` to ``workdir/metrics.jsonl`` and TensorBoard."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
@@ -34,12 +34,12 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    row = {'step': int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
+    row = {'step': int(step), 'time': time.time(), **{k: float(np.asarray(v)) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(row) + '\n')
     if self._tb is not None:
       for key, value in row.items():
-        if key != 'step':
+        if key not in ('step', 'time'):
           self._tb.scalar(key, value, step)
       self._tb.flush()
 

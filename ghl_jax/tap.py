@@ -59,6 +59,10 @@ class Layer:
       fields.append((f.name, _hashable(value)))
     return cls(type(module), tuple(fields))
 
+  def __repr__(self):
+    shown = ', '.join(f'{k}={v!r}' for k, v in self.fields if v is not None)
+    return f'Layer({self.module_type.__name__}, {shown})'
+
   @property
   def is_conv(self) -> bool:
     return issubclass(self.module_type, nn.Conv)

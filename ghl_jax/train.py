@@ -254,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = jax.jit(
       steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if config.method == 'ghl' else None,
                                 accum_steps=config.grad_accum_steps, lr_fns=lr_fns,
-                                trainable=config.hebbian.trainable if first else None),
+                                trainable=config.hebbian.trainable if config.method == 'hebbian' else None),
       donate_argnums=(0,), out_shardings=(replicated, replicated))
   hebbian_step = jax.jit(
       steps_lib.make_hebbian_step(model, tx, hebbian_kwargs=ghl_kwargs(config, kernels, 'hebbian')),
@@ -289,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_batch(local, info.image_shape)
       batch = jax.make_array_from_process_local_data(batch_sharding, local)
       state, metrics = (hebbian_step if step < first else train_step)(state, batch)
-      if first:
+      if config.method == 'hebbian':
         metrics = dict(metrics, phase=1 if step < first else 2)
       if pending is not None:
         _report(pending, writer, progress, config)
