@@ -115,7 +115,7 @@ def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb'
                                      rule_kwargs=rule_kwargs)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
-    flat = {path: u if isinstance(u, optax.MaskedNode) else jnp.zeros_like(u)
+    flat = {path: jnp.zeros_like(u) if hasattr(u, 'shape') else u   # MaskedNode, empty nodes
             for path, u in _flat(updates).items()}
     kernels = _flat(params)
     for path, term in hebb.items():

@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
 
   rule_section = 'hebbian' if config.method == 'hebbian' else 'ghl'
-  kernels = ghl_kernels(model, sample, config[rule_section].layers) if config.method != 'bp' else ()
+  kernels = ghl_kernels(model, sample, config[rule_section].layers)   # bp: paper_sgd's conv group
   first = hebbian_steps(config, info.num_train)     # unsupervised steps before the probe
   tx, lr_fns = make_optimizer(config, total, kernels, first)
 

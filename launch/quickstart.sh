@@ -2,12 +2,12 @@
 # Main job: DeepHebb (width 1/4) on Fashion-MNIST trained with GHL and with end-to-end BP,
 # then both test accuracies, training curves and receptive fields.
 # Usage: bash launch/quickstart.sh [WORKDIR]     (default: workdirs/quickstart; resumes if present)
-# Env: QUICKSTART_STEPS (default 900) trades time for accuracy.
+# Env: QUICKSTART_STEPS (default 600) trades time for accuracy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup_env.sh
 WORKDIR="${1:-workdirs/quickstart}"
-STEPS="${QUICKSTART_STEPS:-900}"
+STEPS="${QUICKSTART_STEPS:-600}"
 DATA_DIR="${TFDS_DATA_DIR:-$PWD/tfds_data}"
 export TFDS_DATA_DIR="$DATA_DIR"
 mkdir -p "$WORKDIR"

@@ -52,7 +52,7 @@ def _softhebb(c: ml_collections.ConfigDict, dataset: str, hebbian_batch: int) ->
                     'norm_power': 0.5, 'epochs': 1, 'batch_size': hebbian_batch,
                     'trainable': r'^classifier/', 'probe_schedule': 'halving'})
   c.optimizer.update({'name': 'adam', 'lr': 1e-3, 'weight_decay': 0.0})
-  c.num_epochs = SOFTHEBB_PROBE_EPOCHS[dataset]
+  c.num_epochs = SOFTHEBB_PROBE_EPOCHS.get(dataset, 50)
 
 
 def cifar_softhebb(dataset: str, arg=None) -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-  switches = common.parse_arg(arg, method='ghl', steps=900, width=0.25, runlocal=False)
+  switches = common.parse_arg(arg, method='ghl', steps=600, width=0.25, runlocal=False)
   c = common.base()
   c.method = switches.method
   c.model.name = 'deephebb'

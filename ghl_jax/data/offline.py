@@ -166,6 +166,15 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
   return target
 
 
+def is_imported(name: str, data_dir: Optional[str] = None) -> bool:
+  """Whether tfds can read ``name`` from ``data_dir`` without preparing anything."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m ghl_jax.data.offline',
@@ -175,7 +184,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: $TFDS_DATA_DIR or '
                       '~/tensorflow_datasets)')
   parser.add_argument('--force', action='store_true', help='rewrite the dataset if it is already there')
+  parser.add_argument('--check', action='store_true',
+                      help='only report whether the dataset is already in data_dir (exit status 0 or 1)')
   args = parser.parse_args(argv)
+  if args.check:
+    present = is_imported(args.dataset, args.data_dir)
+    print(f'{args.dataset}: {"present" if present else "missing"} in {args.data_dir or "the default data_dir"}')
+    return 0 if present else 1
   try:
     import_dataset(args.dataset, source=args.source, data_dir=args.data_dir, force=args.force)
   except ValueError as e:
