@@ -84,6 +84,8 @@ def parse_args(argv=None):
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'baselines.json'))
   parser.add_argument('--figures', default=os.path.join(ROOT, 'benchmarks', 'figures'))
   parser.add_argument('--results', default='', help='RESULTS.md whose section to rewrite')
+  parser.add_argument('--reuse', action='store_true',
+                      help='keep the rows already in --out (same budget) instead of training them again')
   args = parser.parse_args(argv)
   unknown = set(filter(None, args.rows.split(','))) - set(ROWS)
   if unknown:
@@ -144,7 +146,11 @@ def run_row(name: str, dataset: str, args) -> dict:
   _Clock.marks = []
   train.Progress = _Clock
   start = time.perf_counter()
-  final = train.train_and_evaluate(config, workdir)
+  try:
+    final = train.train_and_evaluate(config, workdir)
+  except train.NumericalError as error:          # a diverging row is a result too
+    print(f'{name} on {dataset}: {error}', flush=True)
+    final = {'eval/top1': float('nan')}
   wall = time.perf_counter() - start
   rates = images_per_second(_Clock.marks)
   hebbian = config.method == 'hebbian'
@@ -179,7 +185,8 @@ def table(rows: list, args) -> str:
     paper = '–' if r['paper'] is None else f"{r['paper']:.2f}"
     speed = (f"{_rate(r['hebbian_images_per_s'])} / {_rate(r['images_per_s'])}" if r['method'] == 'hebbian'
              else _rate(r['images_per_s']))
-    lines.append(f"| {r['dataset']} | {r['arch']} | {r['label']} | {r['top1']:.2f} | {paper} | {speed} |")
+    top1 = f"{r['top1']:.2f}" if r['top1'] == r['top1'] else 'diverged (NaN)'
+    lines.append(f"| {r['dataset']} | {r['arch']} | {r['label']} | {top1} | {paper} | {speed} |")
   return '\n'.join(lines)
 
 
@@ -216,18 +223,31 @@ def write_section(path: str, text: str) -> None:
     f.write(new)
 
 
+def _previous_rows(args) -> dict:
+  """``{(dataset, name): row}`` of ``--out`` if it was written with the same budget."""
+  if not os.path.exists(args.out):
+    return {}
+  with open(args.out) as f:
+    previous = json.load(f)
+  budget = ('steps', 'width', 'eval_examples')
+  if any(previous['args'].get(k) != getattr(args, k) for k in budget):
+    return {}
+  return {(r['dataset'], r['name']): r for r in previous['rows']}
+
+
 def main(argv=None):
   args = parse_args(argv)
   chosen = [r for r in filter(None, args.rows.split(','))] or list(ROWS)
   ablation_sets = set(args.ablations_on.split(','))
   rows, figures = [], []
+  done = _previous_rows(args) if args.reuse else {}
   for dataset in args.datasets.split(','):
     for name in chosen:
       if name in ABLATION_ROWS + FULL_HEBBIAN_ROWS and dataset not in ablation_sets:
         continue
-      row = run_row(name, dataset, args)
+      row = done.get((dataset, name)) or run_row(name, dataset, args)
       rows.append(row)
-      if name in FIELD_ROWS:
+      if name in FIELD_ROWS and row['top1'] == row['top1']:
         figures.append(plot_row_fields(row, args.figures))
       with open(args.out, 'w') as f:
         json.dump({'args': vars(args), 'rows': rows}, f, indent=1)

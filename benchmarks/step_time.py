@@ -1,43 +1,100 @@
-"""Train-step time of GHL vs end-to-end backprop on DeepHebb, in one process.
+"""Train-step time of GHL vs end-to-end backprop, interleaved in one process.
 
-Both modes run the project's jitted, state-donating train step (``ghl_jax.steps``) with the
-paper's two-group SGD; GHL adds the taps, the raw Hebbian terms and ``sign(G) ⊙ |Ĥ|``. For
-each mode it prints the median step time over ``--steps`` timed steps (after ``--warmup``),
-images/s, the FLOPs of one step from XLA's cost analysis, and the achieved FLOP/s as a share
-of a measured float32 matmul peak (median time of a large ``jnp.dot`` in the same process)::
+Every variant runs the project's jitted train step (:func:`ghl_jax.steps.make_train_step`,
+state donated) with the paper's two-group SGD; GHL adds the Hebbian terms and
+``sign(G) ⊙ |Ĥ|``. The variants take turns step by step (round-robin), and every round also
+times a sustained float32 matmul chain, so that machine load hits all of them alike. Per
+variant it prints the median step time over ``--steps`` rounds (after ``--warmup``), images/s,
+the FLOPs of one step and the achieved FLOP/s as a share of the median matmul peak::
 
-    python -m benchmarks.step_time                       # full width, batch 64, 20 steps
-    python -m benchmarks.step_time --width 0.25 --steps 5
+    model FLOPs:  forward F = Σ_layers 2·|u|·fan_in      (every nn.Conv / nn.Dense call)
+                  BP  = 3F − F_first                      (no input gradient for the first layer)
+                  GHL = BP + Σ_governed F_layer           (one Σ y ⊗ x per governed kernel)
+
+XLA's cost analysis of the compiled step is printed beside them. On CPU it also prints the
+cores a step kept busy (process CPU time / wall time) and the cores other processes used
+meanwhile (from /proc/stat), since shared machines make wall times noisy::
+
+    python -m benchmarks.step_time                          # DeepHebb, batch 64: GHL vs BP
+    python -m benchmarks.step_time --variants=changes       # every kept change, before/after
+    python -m benchmarks.step_time --model resnet20 --width 1 --batch 32 --steps 5
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
 import statistics
 import time
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghl_jax import models, optim, steps
+from ghl_jax import host_memory, models, optim, steps, transform
+from ghl_jax import fast_conv
+from ghl_jax.models import deephebb
+from ghl_jax.tap import Layer, entries, tap
 
-T_INV = {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}
-KERNELS = ('conv1/kernel', 'conv2/kernel', 'conv3/kernel')
+DEEPHEBB_T_INV = {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One way of running the train step."""
+  label: str
+  ghl: bool
+  conv_impl: str = 'auto'
+  fused: bool = True              # GHL with conv_impl 'gemm': Hebbian terms from the backward pass
+  donate: bool = True             # the state buffers are donated to the step
+  flax_pool: bool = False         # DeepHebb's max pools as nn.max_pool (select-and-scatter grad)
+
+
+VARIANTS = {v.label: v for v in (
+    Variant('GHL', True), Variant('BP', False),
+    Variant('GHL xla+flaxpool', True, 'xla', flax_pool=True),
+    Variant('BP xla+flaxpool', False, 'xla', flax_pool=True),
+    Variant('GHL xla', True, 'xla'), Variant('BP xla', False, 'xla'),
+    Variant('GHL unfused', True, 'gemm', fused=False),
+    Variant('GHL nodonate', True, donate=False), Variant('BP nodonate', False, donate=False),
+)}
+GROUPS = {
+    'ghl,bp': ('GHL', 'BP'),
+    'changes': ('GHL xla+flaxpool', 'BP xla+flaxpool', 'GHL xla', 'BP xla', 'GHL unfused', 'GHL', 'BP', 'GHL nodonate',
+                'BP nodonate'),
+}
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--width', type=float, default=1.0, help='DeepHebb width multiplier')
+  parser.add_argument('--model', default='deephebb', help='a registered model name')
+  parser.add_argument('--width', type=float, default=1.0, help='width multiplier (models that have one)')
   parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=20, help='timed steps per mode')
-  parser.add_argument('--warmup', type=int, default=3, help='untimed steps after compilation')
   parser.add_argument('--image-size', type=int, default=32)
+  parser.add_argument('--num-classes', type=int, default=10)
+  parser.add_argument('--steps', type=int, default=10, help='timed rounds (one step per variant each)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed rounds after compilation')
+  parser.add_argument('--variants', default='ghl,bp',
+                      help=f'a group ({", ".join(GROUPS)}) or comma-separated labels of {sorted(VARIANTS)}')
   parser.add_argument('--matmul-size', type=int, default=0,
-                      help='side of the square matmul that measures peak '
-                           '(0: 8192 on GPU/TPU, 1024 on CPU)')
+                      help='side of the peak matmul (0: 2048 on CPU, 8192 on GPU/TPU)')
+  parser.add_argument('--malloc', choices=('keep', 'default'), default='keep',
+                      help="'keep': host_memory.keep_freed_memory() as training does on CPU; "
+                           "'default': glibc's defaults (every step re-faults its buffers)")
+  parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
   if args.steps < 1 or args.warmup < 0 or args.batch < 1 or not args.width > 0:
     parser.error('--steps and --batch must be >= 1, --warmup >= 0 and --width > 0.')
+  labels = GROUPS.get(args.variants) or tuple(v.strip() for v in args.variants.split(','))
+  unknown = [v for v in labels if v not in VARIANTS]
+  if unknown:
+    parser.error(f'unknown variants {unknown}; choose from {sorted(VARIANTS)} or a group {sorted(GROUPS)}.')
+  args.variant_list = [VARIANTS[v] for v in labels]
   return args
 
 
@@ -45,7 +102,10 @@ def block(tree):
   return jax.tree.map(lambda a: a.block_until_ready(), tree)
 
 
-def flops_of(compiled) -> float:
+# ------------------------------------------------------------------------------------------------
+# Counting: FLOPs, matmul peak, CPU use.
+
+def xla_flops(compiled) -> float:
   """FLOPs of one call from XLA's cost analysis (nan where the backend gives none)."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -53,18 +113,108 @@ def flops_of(compiled) -> float:
   return float((analysis or {}).get('flops', float('nan')))
 
 
-def matmul_peak(size: int, repeats: int = 10) -> float:
-  """Measured float32 FLOP/s of a ``size × size`` matmul: ``2·size³ / median time``."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  block(dot(a, b))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    block(dot(a, b))
-    times.append(time.perf_counter() - start)
-  return 2.0 * size ** 3 / statistics.median(times)
+def _fan_in(layer: Layer, inputs) -> int:
+  fields = dict(layer.fields)
+  if not layer.is_conv:
+    return inputs.shape[-1]
+  size = fields['kernel_size']
+  size = (size,) if isinstance(size, int) else size
+  return math.prod(size) * inputs.shape[-1] // fields.get('feature_group_count', 1)
+
+
+def layer_flops(taps) -> dict:
+  """``{kernel_path: forward FLOPs}`` (``2·|u|·fan_in`` summed over calls), in call order."""
+  out = {}
+  for path, entry in entries(taps):
+    calls = zip(*(entry[k] if isinstance(entry[k], tuple) else (entry[k],) for k in ('inputs', 'outputs')))
+    out[transform.kernel_path(path)] = sum(2 * math.prod(u.shape) * _fan_in(entry['layer'], x)
+                                           for x, u in calls)
+  return out
+
+
+def model_flops(model, batch, ghl_layers=None) -> dict:
+  """Model FLOPs of one forward pass, a backprop step and a GHL step (see the module doc)."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch['image'][:1], train=False))
+  _, taps = jax.eval_shape(lambda v, x: tap(model.apply)(v, x, train=True, mutable=['batch_stats'],
+                                                         rngs={'dropout': jax.random.key(0)}),
+                           variables, batch['image'])
+  per_layer = layer_flops(taps)
+  forward = sum(per_layer.values())
+  backprop = 3 * forward - next(iter(per_layer.values()))
+  governed = transform.selected_layers(taps, ghl_layers)
+  return {'forward': forward, 'BP': backprop, 'GHL': backprop + sum(per_layer[p] for p in governed)}
+
+
+def matmul_chain(size: int, length: int, dtype=jnp.float32):
+  """``(fn, flops)``: a jitted chain of ``length`` dependent ``size × size`` products."""
+  def chain(a, b):
+    for _ in range(length):
+      a = jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype)
+    return a
+  return jax.jit(chain), 2.0 * length * size ** 3
+
+
+def matmul_operands(size: int, dtype=jnp.float32):
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = (jax.random.normal(jax.random.key(1), (size, size)) / math.sqrt(size)).astype(dtype)
+  return a, b
+
+
+class CpuClock:
+  """Process CPU seconds and (on Linux) CPU seconds the whole machine spent busy."""
+
+  def __init__(self):
+    self.process = self.machine = 0.0
+    self._start = None
+
+  @staticmethod
+  def _read():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    busy = float('nan')
+    try:
+      with open('/proc/stat') as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+      busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError):
+      pass
+    return usage.ru_utime + usage.ru_stime, busy
+
+  def __enter__(self):
+    self._start = self._read()
+    return self
+
+  def __exit__(self, *exc):
+    process, machine = self._read()
+    self.process += process - self._start[0]
+    self.machine += machine - self._start[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Train steps.
+
+class _GemmApply:
+  """A model whose ``apply`` runs under ``fast_conv.use('gemm')``; the step around it then sees
+  conv_impl 'xla', so its Hebbian terms come from taps (the unfused variant)."""
+
+  def __init__(self, model):
+    self.apply = fast_conv.wrap(model.apply, 'gemm')
+
+
+def default_ghl_layers(model_name: str):
+  """The t_inv mapping and governed kernels of the benchmark (DeepHebb: the paper's)."""
+  return (DEEPHEBB_T_INV if model_name.startswith('deephebb') else 1.0), None
+
+
+def build_step(model, variant: Variant, t_inv, total_steps: int):
+  """``(jitted step, tx)`` of one variant."""
+  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=total_steps,
+                       use_ghl=variant.ghl, t_inv=t_inv)
+  ghl_kwargs = {'rule': 'softmax_oja', 't_inv': t_inv} if variant.ghl else None
+  impl = variant.conv_impl
+  if variant.ghl and not variant.fused and fast_conv.resolve(impl) == 'gemm':
+    model, impl = _GemmApply(model), 'xla'
+  step = steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=impl)
+  return jax.jit(step, donate_argnums=(0,) if variant.donate else ()), tx
 
 
 def make_state(model, tx, batch):
@@ -75,61 +225,161 @@ def make_state(model, tx, batch):
           'rng': jax.random.key(1)}
 
 
-def time_mode(model, batch, *, use_ghl: bool, args) -> dict:
-  """Median step time, images/s and FLOPs of one mode's donated train step."""
-  total = args.warmup + args.steps + 1
-  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=total, kernels=KERNELS,
-                       use_ghl=use_ghl, t_inv=T_INV)
-  ghl_kwargs = {'rule': 'softmax_oja', 't_inv': T_INV, 'layers': KERNELS} if use_ghl else None
-  step_fn = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs), donate_argnums=(0,))
-  state = make_state(model, tx, batch)
-  start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
-  block((state, metrics) if args.warmup else state)
-  times = []
-  for _ in range(args.steps):
+@contextlib.contextmanager
+def flax_max_pool(enable: bool):
+  """While tracing: DeepHebb's 4×4/2 max pools as ``nn.max_pool`` (the code before
+  ``models.pooling``), to measure that change."""
+  if not enable:
+    yield
+    return
+  fast = deephebb._max_pool                          # pylint: disable=protected-access
+  deephebb._max_pool = lambda x: nn.max_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
+  try:
+    yield
+  finally:
+    deephebb._max_pool = fast
+
+
+class Runner:
+  """One variant's compiled step and state; ``run()`` does one step and returns its times."""
+
+  def __init__(self, model, variant: Variant, batch, t_inv, total_steps: int):
+    self.variant, self.batch = variant, batch
+    step, tx = build_step(model, variant, t_inv, total_steps)
+    self.state = make_state(model, tx, batch)
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    block((state, metrics))
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return {'mode': 'GHL' if use_ghl else 'BP', 'median_s': median, 'images_per_s': args.batch / median,
-          'flops': flops_of(compiled), 'compile_s': compile_s, 'loss': float(metrics['loss'])}
+    with flax_max_pool(variant.flax_pool):
+      self.compiled = step.lower(self.state, batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.xla_flops = xla_flops(self.compiled)
+    self.times, self.cpu, self.machine = [], [], []
+    self.loss = float('nan')
+
+  def run(self, record: bool) -> None:
+    with CpuClock() as clock:
+      start = time.perf_counter()
+      self.state, metrics = self.compiled(self.state, self.batch)
+      block((self.state, metrics))
+      wall = time.perf_counter() - start
+    self.loss = float(metrics['loss'])
+    if record:
+      self.times.append(wall)
+      self.cpu.append(clock.process)
+      self.machine.append(clock.machine)
 
 
-def table(rows, peak: float) -> str:
-  lines = ['| mode | median step (ms) | images/s | GFLOP/step | achieved TFLOP/s '
-           '| % of matmul peak | compile (s) |',
-           '|---|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    achieved = r['flops'] / r['median_s']
-    lines.append(f"| {r['mode']} | {1e3 * r['median_s']:.2f} | {r['images_per_s']:.0f} | "
-                 f"{r['flops'] / 1e9:.2f} | {achieved / 1e12:.3f} | {100 * achieved / peak:.1f} | "
-                 f"{r['compile_s']:.1f} |")
+def load_average() -> str:
+  try:
+    return ' '.join(f'{v:.2f}' for v in os.getloadavg())
+  except OSError:
+    return 'n/a'
+
+
+def run(args) -> dict:
+  """Compiles every variant, times them round-robin with the matmul chain; returns the report."""
+  warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+  if args.malloc == 'keep':
+    host_memory.keep_freed_memory()
+  device = jax.devices()[0]
+  size = args.matmul_size or (2048 if device.platform == 'cpu' else 8192)
+  kwargs = {'num_classes': args.num_classes}
+  if args.model.startswith(('deephebb', 'fasthebb')) or args.width != 1.0:
+    kwargs['width'] = args.width
+  model = models.build(args.model, **kwargs)
+  images = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, 3))
+  batch = {'image': images, 'label': jnp.arange(args.batch) % args.num_classes}
+  t_inv, layers = default_ghl_layers(args.model)
+  flops = model_flops(model, batch, layers)
+  load_before = load_average()
+  total = args.warmup + args.steps + 1
+  runners = [Runner(model, v, batch, t_inv, total) for v in args.variant_list]
+  chain, chain_flops = matmul_chain(size, 8)
+  operands = matmul_operands(size)
+  block(chain(*operands))
+  peaks, cpu_peaks = [], []
+  for round_ in range(args.warmup + args.steps):
+    record = round_ >= args.warmup
+    for runner in runners:
+      runner.run(record)
+    with CpuClock() as clock:
+      start = time.perf_counter()
+      block(chain(*operands))
+      wall = time.perf_counter() - start
+    if record:
+      peaks.append(chain_flops / wall)
+      cpu_peaks.append(chain_flops / clock.process)
+  peak, cpu_peak = statistics.median(peaks), statistics.median(cpu_peaks)
+  rows = []
+  for r in runners:
+    median = statistics.median(r.times)
+    model_count = flops['GHL' if r.variant.ghl else 'BP']
+    rows.append({
+        'variant': r.variant.label, 'median_s': median, 'min_s': min(r.times),
+        'images_per_s': args.batch / median, 'model_flops': model_count, 'xla_flops': r.xla_flops,
+        'fraction_of_peak': model_count / median / peak, 'compile_s': r.compile_s, 'loss': r.loss,
+        'cores_busy': statistics.median(c / t for c, t in zip(r.cpu, r.times)),
+        'cpu_s': statistics.median(r.cpu),
+        'cpu_fraction_of_peak': model_count / statistics.median(r.cpu) / cpu_peak,
+        'other_cores': statistics.median((m - c) / t for m, c, t in zip(r.machine, r.cpu, r.times)),
+    })
+  return {'model': args.model, 'width': args.width, 'batch': args.batch, 'image_size': args.image_size,
+          'steps': args.steps, 'warmup': args.warmup, 'device': device.device_kind,
+          'platform': device.platform, 'jax': jax.__version__, 'matmul_size': size, 'peak_flops': peak,
+          'cpu_peak_flops': cpu_peak,
+          'peak_spread': (min(peaks), max(peaks)), 'malloc': args.malloc, 'load_before': load_before,
+          'load_after': load_average(), 'cpu_count': os.cpu_count(), 'rows': rows}
+
+
+def table(report: dict) -> str:
+  cpu = report['platform'] == 'cpu'
+  head = ('| variant | median step (ms) | images/s | model GFLOP | XLA GFLOP | TFLOP/s | % of peak |'
+          + (' cores busy | others (cores) | CPU s | % of peak per CPU s |' if cpu else '')
+          + ' compile (s) |')
+  lines = [head, '|---' + '|---:' * (head.count('|') - 2) + '|']
+  for r in report['rows']:
+    achieved = r['model_flops'] / r['median_s']
+    line = (f"| {r['variant']} | {1e3 * r['median_s']:.0f} | {r['images_per_s']:.1f} | "
+            f"{r['model_flops'] / 1e9:.1f} | {r['xla_flops'] / 1e9:.1f} | {achieved / 1e12:.3f} | "
+            f"{100 * r['fraction_of_peak']:.0f} |")
+    if cpu:
+      line += (f" {r['cores_busy']:.2f} | {r['other_cores']:.2f} | {r['cpu_s']:.2f} | "
+               f"{100 * r['cpu_fraction_of_peak']:.0f} |")
+    lines.append(line + f" {r['compile_s']:.1f} |")
   return '\n'.join(lines)
+
+
+def ratios(report: dict) -> list[str]:
+  """GHL/BP step-time ratios of the variant pairs that differ only in the mode."""
+  by_label = {r['variant']: r for r in report['rows']}
+  out = []
+  for label, r in by_label.items():
+    if label.startswith('GHL'):
+      bp = by_label.get('BP' + label[3:])
+      if bp:
+        out.append(f"{label} / {bp['variant']}: step time {r['median_s'] / bp['median_s']:.3f} "
+                   f"(model FLOPs {r['model_flops'] / bp['model_flops']:.3f})")
+  return out
 
 
 def main(argv=None):
   args = parse_args(argv)
-  warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
-  device = jax.devices()[0]
-  size = args.matmul_size or (1024 if device.platform == 'cpu' else 8192)
-  model = models.DeepHebb(num_classes=10, width=args.width)
-  images = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, 3))
-  batch = {'image': images, 'label': jnp.arange(args.batch) % 10}
-  rows = [time_mode(model, batch, use_ghl=ghl, args=args) for ghl in (True, False)]
-  peak = matmul_peak(size)
-  print(f'DeepHebb width {args.width}, batch {args.batch}, {args.image_size}x{args.image_size}, '
-        f'{args.steps} timed steps after {args.warmup} warm-up; {device.device_kind} '
-        f'({jax.device_count()} device(s), step on one), jax {jax.__version__}')
-  print(f'float32 matmul peak ({size}x{size}, default precision): {peak / 1e12:.3f} TFLOP/s\n')
-  print(table(rows, peak))
-  ghl, bp = rows
-  print(f'\nGHL / BP step time: {ghl["median_s"] / bp["median_s"]:.3f}  '
-        f'(FLOPs ratio {ghl["flops"] / bp["flops"]:.3f})')
+  report = run(args)
+  print(f"{report['model']} width {report['width']}, batch {report['batch']}, "
+        f"{report['image_size']}x{report['image_size']}, {report['steps']} timed rounds after "
+        f"{report['warmup']} warm-up; {report['device']} ({jax.device_count()} device(s), step on one, "
+        f"{report['cpu_count']} CPUs), jax {report['jax']}, malloc {report['malloc']}")
+  lo, hi = report['peak_spread']
+  print(f"float32 matmul peak ({report['matmul_size']}² chain, median of rounds): "
+        f"{report['peak_flops'] / 1e12:.3f} TFLOP/s (rounds {lo / 1e12:.3f}-{hi / 1e12:.3f}; "
+        f"{report['cpu_peak_flops'] / 1e12:.3f} TFLOP per CPU s); "
+        f"load average {report['load_before']} before, {report['load_after']} after\n")
+  print(table(report))
+  print()
+  for line in ratios(report):
+    print(line)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(report, f, indent=1, default=float)
 
 
 if __name__ == '__main__':

@@ -88,7 +88,7 @@ def hebb(x, u, kernel, layer: Layer) -> jax.Array:
 
 def _patch_norms(x, kernel, layer: Layer) -> jax.Array:
   """``‖x_patch‖`` at every site and output channel, as a convolution of ``x²`` with ones."""
-  return jnp.sqrt(layer.apply(jnp.ones_like(kernel), x * x))
+  return jnp.sqrt(jnp.maximum(layer.apply(jnp.ones_like(kernel), x * x), 0.0))
 
 
 def swta(x, u, kernel, layer: Layer, *, t_inv: float = 50.0,

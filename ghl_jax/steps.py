@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ghl_jax import fast_conv
 from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import transform
 from ghl_jax.tap import tap
@@ -63,17 +64,22 @@ def finite_flags(loss, grads, hebb) -> dict:
 
 def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Optional[dict],
                     accum_steps: int = 1, lr_fns: Optional[dict] = None,
-                    trainable: Optional[str] = None) -> Callable:
+                    trainable: Optional[str] = None, conv_impl: str = 'auto') -> Callable:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``ghl_kwargs`` (the
   arguments of :func:`ghl_jax.hebbian_terms`) or ``None`` for plain backprop. ``trainable``
   (a regex over param paths) makes it a linear-probe step: backprop stops at the params it
   does not match, and their BatchNorms use (and keep) their running averages.
+  ``conv_impl`` (:mod:`ghl_jax.fast_conv`: 'auto', 'xla' or 'gemm') picks how convolutions are
+  differentiated; with 'gemm' the Hebbian terms of GHL's conv layers come out of the backward
+  pass, from the patches of ``∂W``.
   """
+  fused = ghl_kwargs is not None and trainable is None and fast_conv.resolve(conv_impl) == 'gemm'
   apply = tap(model.apply) if ghl_kwargs is not None else model.apply
   if trainable is not None:
     apply = hebbian_lib.frozen_features(apply, trainable)
+  apply = fast_conv.wrap(apply, conv_impl, fast_conv.hebbian_rule(ghl_kwargs) if fused else None)
   lr_fns = lr_fns or {}
 
   def micro_step(params, batch_stats, images, labels, rng):
@@ -84,8 +90,14 @@ def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Opti
       result = apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       (logits, new_state), taps = result if ghl_kwargs is not None else (result, None)
       return cross_entropy(logits, labels), (logits, new_state, taps)
-    (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    hebb = transform.hebbian_terms(params, taps, **ghl_kwargs) if ghl_kwargs is not None else {}
+    if fused:                             # probes beside the conv kernels carry their terms
+      convs, others = fast_conv.fused_kernels(jax.eval_shape(loss_fn, params)[1][2], ghl_kwargs.get('layers'))
+      (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          fast_conv.add_probes(params, convs))
+      grads, hebb = fast_conv.fused_hebbian_terms(grads, params, taps, convs, others, ghl_kwargs)
+    else:
+      (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      hebb = transform.hebbian_terms(params, taps, **ghl_kwargs) if ghl_kwargs is not None else {}
     correct = jnp.sum(jnp.argmax(logits, -1) == labels)
     return loss, grads, hebb, new_state.get('batch_stats', {}), correct
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 COLLECTION = 'intermediates'
 TAPPED_TYPES = (nn.Conv, nn.Dense)
 _IGNORED_FIELDS = ('parent', 'name', 'use_bias', 'bias_init', 'kernel_init', 'dtype',
-                   'param_dtype', 'precision', 'promote_dtype')
+                   'param_dtype', 'precision', 'promote_dtype',
+                   'conv_general_dilated', 'conv_general_dilated_cls')   # how, not what
 
 
 def _hashable(value):

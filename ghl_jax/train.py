@@ -23,7 +23,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ghl_jax import data as data_lib
+from ghl_jax import fast_conv
 from ghl_jax import hebbian as hebbian_lib
+from ghl_jax import host_memory
 from ghl_jax import models
 from ghl_jax import optim
 from ghl_jax import steps as steps_lib
@@ -221,6 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise validate.ConfigError(str(error)) from None
   check_workdir_identity(config, workdir, write=jax.process_index() == 0)
   enable_compilation_cache(config.get('compilation_cache_dir'))
+  conv_impl = config.get('conv_impl', 'auto')
+  try:
+    fast_conv.resolve(conv_impl)
+  except ValueError as error:
+    raise validate.ConfigError(f'config.{error}') from None
+  if jax.default_backend() == 'cpu':
+    host_memory.keep_freed_memory()        # XLA:CPU reuses step buffers instead of re-faulting them
 
   info = data_lib.info(config.data)
   total, per_epoch = total_steps(config, info.num_train)
@@ -251,10 +260,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('%s from step %d of %d (%d steps/epoch, %d devices).',
                'Resuming' if start else 'Starting', start, total, per_epoch, jax.device_count())
 
+  method = config.method
   train_step = jax.jit(
-      steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if config.method == 'ghl' else None,
-                                accum_steps=config.grad_accum_steps, lr_fns=lr_fns,
-                                trainable=config.hebbian.trainable if config.method == 'hebbian' else None),
+      steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if method == 'ghl' else None,
+                                accum_steps=config.grad_accum_steps, lr_fns=lr_fns, conv_impl=conv_impl,
+                                trainable=config.hebbian.trainable if method == 'hebbian' else None),
       donate_argnums=(0,), out_shardings=(replicated, replicated))
   hebbian_step = jax.jit(
       steps_lib.make_hebbian_step(model, tx, hebbian_kwargs=ghl_kwargs(config, kernels, 'hebbian')),

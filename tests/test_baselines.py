@@ -41,24 +41,21 @@ class ConvDense(nn.Module):
 
 
 RATES = {'conv': 0.1, 'dense': 0.05}
-RULE_CASES = {
-    'softhebb': ('softhebb', 0.8, {}),
-    'swta': ('swta', 20.0, {}),
-    'hpca': ('hpca', 1.0, {}),
-}
+T_INV = {'softhebb': 0.8, 'swta': 20.0, 'hpca': None}     # rule -> t_inv (hpca has none)
 
 
 def _flat(tree):
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
 
 
-def _conv_dense_step(rule, t_inv, norm_power):
+def _conv_dense_step(rule, norm_power):
   model = ConvDense()
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
   params = model.init(jax.random.key(1), x)['params']
   params = jax.tree.map(lambda p: 2.0 * p + 0.2, params)     # neuron norms well away from 1
   _, taps = ghl_jax.tap(model.apply)({'params': params}, x)
-  tx = hebbian.hebbian_ascent(RATES, layers='conv|dense', rule=rule, t_inv=t_inv, norm_power=norm_power)
+  tx = hebbian.hebbian_ascent(RATES, layers='conv|dense', rule=rule, t_inv=T_INV[rule] or 1.0,
+                              norm_power=norm_power)
   updates, _ = tx.update(params, tx.init(params), params, taps=taps)
   return params, taps, updates
 
@@ -73,17 +70,15 @@ def _numpy_ascent(h, kernel, rate, norm_power):
 
 
 @pytest.mark.parametrize('norm_power', [None, 0.5])
-@pytest.mark.parametrize('case', sorted(RULE_CASES))
-def test_ascent_step_matches_numpy(case, norm_power):
-  rule, t_inv, hyper = RULE_CASES[case]
-  params, taps, updates = _conv_dense_step(rule, t_inv, norm_power)
+@pytest.mark.parametrize('rule', sorted(T_INV))
+def test_ascent_step_matches_numpy(rule, norm_power):
+  params, taps, updates = _conv_dense_step(rule, norm_power)
   flat_params, flat_updates = _flat(params), _flat(updates)
   for name in ('conv', 'dense'):
     entry = taps[name]
     sites = ref.Sites(np.asarray(entry['inputs']), flat_params[f'{name}/kernel'], entry['layer'],
                       bias=flat_params.get(f'{name}/bias'))
-    kwargs = dict(hyper, **({} if rule == 'hpca' else {'t_inv': t_inv}))
-    h = ref.RULES[rule](sites, **kwargs)
+    h = ref.RULES[rule](sites, **({} if T_INV[rule] is None else {'t_inv': T_INV[rule]}))
     expected = _numpy_ascent(h, flat_params[f'{name}/kernel'], RATES[name], norm_power)
     np.testing.assert_allclose(flat_updates[f'{name}/kernel'], expected, rtol=2e-4, atol=1e-6)
   np.testing.assert_array_equal(flat_updates['dense/bias'], 0.0)
@@ -133,7 +128,7 @@ def test_probe_step_trains_only_the_head(name, trainable):
   for group in ('params', 'batch_stats'):
     before, after = _flat(state[group]), _flat(new[group])
     for path in before:
-      if hebbian._matches(trainable, path):
+      if re.search(trainable, path):
         assert not np.array_equal(before[path], after[path]), path
       else:
         np.testing.assert_array_equal(before[path], after[path], err_msg=path)

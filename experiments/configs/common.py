@@ -61,6 +61,7 @@ def base() -> ml_collections.ConfigDict:
   c.steps_per_epoch = -1                 # > 0 overrides the dataset size (tests, mock data)
   c.grad_accum_steps = 1
   c.compute_dtype = 'float32'            # or 'bfloat16'; params and Hebbian terms stay float32
+  c.conv_impl = 'auto'                   # 'xla' | 'gemm' (conv backward as GEMMs); 'auto': gemm on CPU
   c.optimizer = ml_collections.ConfigDict({
       'name': 'paper_sgd', 'lr': 5e-3, 'lr_conv': 1e-2, 'wd_conv': 5e-2,
       'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4, 'warmup_steps': 0,

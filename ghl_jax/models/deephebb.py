@@ -11,13 +11,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ghl_jax.models.layers import batch_norm, he_normal, scaled, torch_bias, torch_kernel
+from ghl_jax.models.pooling import max_pool
 
 CHANNELS = (96, 384, 1536)
 KERNELS = (5, 3, 3)
 
 
 def _max_pool(x):
-  return nn.max_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return max_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))   # = nn.max_pool, faster grad
 
 
 def _avg_pool(x):
