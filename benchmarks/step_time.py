@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 
 from ghl_jax import host_memory, models, optim, steps, transform
-from ghl_jax import fast_conv
 from ghl_jax.models import deephebb
 from ghl_jax.tap import Layer, entries, tap
 
@@ -50,23 +49,24 @@ class Variant:
   label: str
   ghl: bool
   conv_impl: str = 'auto'
-  fused: bool = True              # GHL with conv_impl 'gemm': Hebbian terms from the backward pass
+  fused: bool = True              # GHL: conv layers' Hebbian terms in the gradient pass (else taps)
   donate: bool = True             # the state buffers are donated to the step
   flax_pool: bool = False         # DeepHebb's max pools as nn.max_pool (select-and-scatter grad)
 
 
 VARIANTS = {v.label: v for v in (
     Variant('GHL', True), Variant('BP', False),
-    Variant('GHL xla+flaxpool', True, 'xla', flax_pool=True),
-    Variant('BP xla+flaxpool', False, 'xla', flax_pool=True),
+    Variant('GHL xla+flaxpool+taps', True, 'xla', fused=False, flax_pool=True),
+    Variant('BP xla+flaxpool+taps', False, 'xla', flax_pool=True),
+    Variant('GHL xla+taps', True, 'xla', fused=False), Variant('BP xla+taps', False, 'xla'),
     Variant('GHL xla', True, 'xla'), Variant('BP xla', False, 'xla'),
-    Variant('GHL unfused', True, 'gemm', fused=False),
+    Variant('GHL taps', True, fused=False),
     Variant('GHL nodonate', True, donate=False), Variant('BP nodonate', False, donate=False),
 )}
 GROUPS = {
     'ghl,bp': ('GHL', 'BP'),
-    'changes': ('GHL xla+flaxpool', 'BP xla+flaxpool', 'GHL xla', 'BP xla', 'GHL unfused', 'GHL', 'BP', 'GHL nodonate',
-                'BP nodonate'),
+    'changes': ('GHL xla+flaxpool+taps', 'BP xla+flaxpool+taps', 'GHL xla+taps', 'BP xla+taps',
+                'GHL xla', 'GHL taps', 'GHL', 'BP', 'GHL nodonate', 'BP nodonate'),
 }
 
 
@@ -123,7 +123,7 @@ def _fan_in(layer: Layer, inputs) -> int:
 
 
 def layer_flops(taps) -> dict:
-  """``{kernel_path: forward FLOPs}`` (``2·|u|·fan_in`` summed over calls), in call order."""
+  """``{kernel_path: forward FLOPs}`` (``2·|u|·fan_in`` summed over calls)."""
   out = {}
   for path, entry in entries(taps):
     calls = zip(*(entry[k] if isinstance(entry[k], tuple) else (entry[k],) for k in ('inputs', 'outputs')))
@@ -135,12 +135,20 @@ def layer_flops(taps) -> dict:
 def model_flops(model, batch, ghl_layers=None) -> dict:
   """Model FLOPs of one forward pass, a backprop step and a GHL step (see the module doc)."""
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), batch['image'][:1], train=False))
-  _, taps = jax.eval_shape(lambda v, x: tap(model.apply)(v, x, train=True, mutable=['batch_stats'],
-                                                         rngs={'dropout': jax.random.key(0)}),
-                           variables, batch['image'])
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense)):
+      calls.append(transform.kernel_path(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _, taps = jax.eval_shape(lambda v, x: tap(model.apply)(v, x, train=True, mutable=['batch_stats'],
+                                                           rngs={'dropout': jax.random.key(0)}),
+                             variables, batch['image'])
   per_layer = layer_flops(taps)
   forward = sum(per_layer.values())
-  backprop = 3 * forward - next(iter(per_layer.values()))
+  backprop = 3 * forward - per_layer[calls[0]]
   governed = transform.selected_layers(taps, ghl_layers)
   return {'forward': forward, 'BP': backprop, 'GHL': backprop + sum(per_layer[p] for p in governed)}
 
@@ -192,14 +200,6 @@ class CpuClock:
 # ------------------------------------------------------------------------------------------------
 # Train steps.
 
-class _GemmApply:
-  """A model whose ``apply`` runs under ``fast_conv.use('gemm')``; the step around it then sees
-  conv_impl 'xla', so its Hebbian terms come from taps (the unfused variant)."""
-
-  def __init__(self, model):
-    self.apply = fast_conv.wrap(model.apply, 'gemm')
-
-
 def default_ghl_layers(model_name: str):
   """The t_inv mapping and governed kernels of the benchmark (DeepHebb: the paper's)."""
   return (DEEPHEBB_T_INV if model_name.startswith('deephebb') else 1.0), None
@@ -210,15 +210,21 @@ def build_step(model, variant: Variant, t_inv, total_steps: int):
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=total_steps,
                        use_ghl=variant.ghl, t_inv=t_inv)
   ghl_kwargs = {'rule': 'softmax_oja', 't_inv': t_inv} if variant.ghl else None
-  impl = variant.conv_impl
-  if variant.ghl and not variant.fused and fast_conv.resolve(impl) == 'gemm':
-    model, impl = _GemmApply(model), 'xla'
-  step = steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=impl)
+  step = steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=variant.conv_impl,
+                               fuse_hebbian=variant.fused)
   return jax.jit(step, donate_argnums=(0,) if variant.donate else ()), tx
 
 
-def make_state(model, tx, batch):
-  variables = model.init(jax.random.key(0), batch['image'][:1], train=False)
+def init_variables(model, batch, compiler_options=None):
+  """The model's variables, from one jitted ``init``."""
+  init = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))
+  sample = batch['image'][:1]
+  return init.lower(sample).compile(compiler_options=compiler_options)(sample)
+
+
+def make_state(model, tx, batch, variables=None):
+  """A train state of its own (steps donate it), from ``variables`` if given."""
+  variables = jax.tree.map(jnp.copy, variables) if variables is not None else init_variables(model, batch)
   params = variables['params']
   return {'step': jnp.zeros((), jnp.int32), 'params': params,
           'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(params),
@@ -243,13 +249,14 @@ def flax_max_pool(enable: bool):
 class Runner:
   """One variant's compiled step and state; ``run()`` does one step and returns its times."""
 
-  def __init__(self, model, variant: Variant, batch, t_inv, total_steps: int):
+  def __init__(self, model, variant: Variant, batch, t_inv, total_steps: int, compiler_options=None,
+               variables=None):
     self.variant, self.batch = variant, batch
     step, tx = build_step(model, variant, t_inv, total_steps)
-    self.state = make_state(model, tx, batch)
+    self.state = make_state(model, tx, batch, variables)
     start = time.perf_counter()
     with flax_max_pool(variant.flax_pool):
-      self.compiled = step.lower(self.state, batch).compile()
+      self.compiled = step.lower(self.state, batch).compile(compiler_options=compiler_options)
     self.compile_s = time.perf_counter() - start
     self.xla_flops = xla_flops(self.compiled)
     self.times, self.cpu, self.machine = [], [], []
@@ -292,7 +299,8 @@ def run(args) -> dict:
   flops = model_flops(model, batch, layers)
   load_before = load_average()
   total = args.warmup + args.steps + 1
-  runners = [Runner(model, v, batch, t_inv, total) for v in args.variant_list]
+  variables = init_variables(model, batch)
+  runners = [Runner(model, v, batch, t_inv, total, variables=variables) for v in args.variant_list]
   chain, chain_flops = matmul_chain(size, 8)
   operands = matmul_operands(size)
   block(chain(*operands))

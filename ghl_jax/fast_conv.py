@@ -1,4 +1,5 @@
-"""Convolutions whose backward pass is two GEMMs over patches (fast where XLA's is slow).
+"""Convolutions whose backward pass is two GEMMs over patches (fast where XLA's is slow),
+and GHL's Hebbian terms computed from the same patches.
 
 :func:`conv_general_dilated` replaces ``lax.conv_general_dilated`` for channels-last convolutions
 (NHWC·HWIO and their N-d analogues, the form ``nn.Conv`` calls). With ``P`` the input patches
@@ -18,6 +19,19 @@ matmul peak (and 10-40× slower still inside ``lax.scan`` bodies: jax-ml/jax#128
 
     with fast_conv.use('auto'):        # 'gemm' on CPU, XLA's conv elsewhere
       loss, grads = jax.value_and_grad(loss_fn)(params)
+
+**Fused Hebbian terms.** Given rule settings, every conv whose params hold a *probe* (a zero
+array beside its kernel, :func:`add_probes`) also returns its raw Hebbian term
+``H = rule(x, u, W)`` as the gradient of that probe. The rule's ``Σ y ⊗ x`` is ``Pᵀ y`` over
+patches the convolution builds anyway, so the Hebbian term never builds patches of its own:
+
+* ``'hebbian_probe'`` (unstacked kernels): in the backward pass, beside ``∂W = Pᵀ δ`` (the
+  same ``P``); ``u`` is kept for it, a buffer the backward pass of the layers after the conv
+  keeps alive in any case;
+* ``'hebbian_probe_forward'`` (kernels stacked by ``nn.scan``): in the forward pass, where the
+  convolution is computed as ``u = P W``; only ``H`` is kept for the backward pass, since a
+  scan stacks whatever the backward pass needs of every block (``u`` would add one
+  activation-sized buffer per block).
 """
 from __future__ import annotations
 
@@ -36,7 +50,9 @@ from ghl_jax.tap import Layer
 from ghl_jax import transform
 
 IMPLS = ('auto', 'xla', 'gemm')
-PROBE = 'hebbian_probe'
+PROBE = 'hebbian_probe'                    # H from the backward pass
+PROBE_FORWARD = 'hebbian_probe_forward'    # H from the forward pass (stacked kernels)
+PROBES = (PROBE, PROBE_FORWARD)
 
 
 class Geometry(NamedTuple):
@@ -133,6 +149,22 @@ def patch_product(cols, cotangent, kernel_shape, geometry: Geometry, accumulate=
   return product.reshape(kernel_shape)
 
 
+def patch_apply(cols, kernel, out_shape, geometry: Geometry) -> jax.Array:
+  """``u = P W`` (within each feature group) in ``out_shape``: the convolution as one GEMM."""
+  features = kernel.shape[-1]
+  g = geometry.groups
+  if g == 1:
+    u = lax.dot_general(cols, kernel.reshape(-1, features), (((1,), (0,)), ((), ())),
+                        precision=geometry.precision)
+    return u.reshape(out_shape)
+  per_group = kernel.shape[-2]
+  taps = cols.shape[-1] // (g * per_group)
+  cols = cols.reshape(-1, taps, g, per_group).transpose(2, 0, 1, 3).reshape(g, cols.shape[0], -1)
+  w = kernel.reshape(taps, per_group, g, features // g).transpose(2, 0, 1, 3).reshape(g, -1, features // g)
+  u = lax.dot_general(cols, w, (((2,), (1,)), ((0,), (0,))), precision=geometry.precision)
+  return u.transpose(1, 0, 2).reshape(out_shape)
+
+
 def kernel_grad(x, cotangent, kernel_shape, geometry: Geometry, accumulate=None) -> jax.Array:
   """``∂W = Pᵀ δ`` in the kernel's shape."""
   cols = patch_matrix(x, kernel_shape[:-2], geometry)
@@ -182,8 +214,8 @@ _gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
 
 
 class _SharedPatches:
-  """A tapped :class:`~ghl_jax.tap.Layer` whose ``kernel_product`` is ``Pᵀ y`` over the
-  patches the backward pass already built for ``∂W`` (the same sites, the same input)."""
+  """A tapped :class:`~ghl_jax.tap.Layer` whose ``kernel_product`` is ``Pᵀ y`` over patches
+  the convolution already built (the same sites, the same input)."""
 
   def __init__(self, layer, cols, geometry: Geometry):
     self._layer, self._cols, self._geometry = layer, cols, geometry
@@ -197,6 +229,20 @@ class _SharedPatches:
                          accumulate=jnp.float32)
 
 
+def _hebbian_term(rule, layer, geometry, cols, x, kernel, u, context) -> jax.Array:
+  """``H = rule(x, u + b, W)`` of the module (its own input and kernel unless the conv saw
+  others: dtype promotion, REFLECT/CIRCULAR padding), with ``Σ y ⊗ x = Pᵀ y`` over ``cols``."""
+  outputs = u if context['bias'] is None else u + context['bias'].astype(u.dtype)
+  inputs = x if context['inputs'] is None else context['inputs']
+  weights = kernel if context['kernel'] is None else context['kernel']
+  term = rule(inputs, outputs, weights, _SharedPatches(layer, cols, geometry))
+  return lax.stop_gradient(term).astype(jnp.float32)
+
+
+def _zeros(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _hebbian_conv(x, kernel, probe, context, geometry, layer, rule):
   del probe, context, layer, rule
@@ -204,24 +250,47 @@ def _hebbian_conv(x, kernel, probe, context, geometry, layer, rule):
 
 
 def _hebbian_conv_fwd(x, kernel, probe, context, geometry, layer, rule):
-  del probe
+  del probe, layer, rule
   u = _xla_conv(x, kernel, geometry)
   return u, (x, kernel, u, context)
 
 
 def _hebbian_conv_bwd(geometry, layer, rule, residuals, cotangent):
-  """``∂x, ∂W`` and, as the probe's cotangent, the layer's raw Hebbian term
-  ``H = rule(x, u, W)``, whose ``Σ y ⊗ x`` reuses the patches of ``∂W = Pᵀ δ``."""
+  """``∂x``, ``∂W`` and, as the probe's cotangent, ``H`` over the patches of ``∂W = Pᵀ δ``."""
   x, kernel, u, context = residuals
   cols = patch_matrix(x, kernel.shape[:-2], geometry)
   dx, dw = _conv_grads(geometry, x, kernel, cols, cotangent)
-  outputs = u if context['bias'] is None else u + context['bias'].astype(u.dtype)
-  term = rule(context['inputs'], outputs, context['kernel'], _SharedPatches(layer, cols, geometry))
-  zeros = jax.tree.map(jnp.zeros_like, context)
-  return dx, dw, lax.stop_gradient(term).astype(context['kernel'].dtype), zeros
+  term = _hebbian_term(rule, layer, geometry, cols, x, kernel, u, context)
+  return dx, dw, term, _zeros(context)
 
 
 _hebbian_conv.defvjp(_hebbian_conv_fwd, _hebbian_conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _hebbian_conv_forward(x, kernel, probe, context, geometry, layer, rule):
+  del probe, context, layer, rule
+  return _xla_conv(x, kernel, geometry)
+
+
+def _hebbian_conv_forward_fwd(x, kernel, probe, context, geometry, layer, rule):
+  """``u = P W`` and ``H`` over the same ``P``; the backward pass keeps ``x``, ``W``, ``H``."""
+  del probe
+  cols = patch_matrix(x, kernel.shape[:-2], geometry)
+  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
+  u = patch_apply(cols, kernel, out_shape, geometry)
+  return u, (x, kernel, _hebbian_term(rule, layer, geometry, cols, x, kernel, u, context), context)
+
+
+def _hebbian_conv_forward_bwd(geometry, layer, rule, residuals, cotangent):
+  del layer, rule
+  x, kernel, term, context = residuals
+  cols = patch_matrix(x, kernel.shape[:-2], geometry)
+  dx, dw = _conv_grads(geometry, x, kernel, cols, cotangent)
+  return dx, dw, term, _zeros(context)
+
+
+_hebbian_conv_forward.defvjp(_hebbian_conv_forward_fwd, _hebbian_conv_forward_bwd)
 
 
 def _channels_last(dimension_numbers, ndim: int) -> bool:
@@ -270,41 +339,59 @@ def conv_general_dilated(lhs, rhs, window_strides=None, padding='VALID', lhs_dil
   return _gemm_conv(lhs, rhs, geometry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _hebbian_identity(u, probe, context, layer, rule):
-  del probe, context, layer, rule
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _hebbian_of_output(u, probe, context, layer, rule, forward):
+  del probe, context, layer, rule, forward
   return u
 
 
-def _hebbian_identity_fwd(u, probe, context, layer, rule):
+def _hebbian_term_by_vjp(u, context, layer, rule) -> jax.Array:
+  """``H`` by the layer's own ``kernel_product`` (the vjp of XLA's conv: no patches)."""
+  outputs = u if context['bias'] is None else u + context['bias'].astype(u.dtype)
+  term = rule(context['inputs'], outputs, context['kernel'], layer)
+  return lax.stop_gradient(term).astype(jnp.float32)
+
+
+def _hebbian_of_output_fwd(u, probe, context, layer, rule, forward):
   del probe
+  if forward:
+    return u, (_hebbian_term_by_vjp(u, context, layer, rule), _zeros(context))
   return u, (u, context)
 
 
-def _hebbian_identity_bwd(layer, rule, residuals, cotangent):
-  u, context = residuals
-  term = rule(context['inputs'], u, context['kernel'], layer)
-  zeros = jax.tree.map(jnp.zeros_like, context)
-  return cotangent, lax.stop_gradient(term).astype(context['kernel'].dtype), zeros
+def _hebbian_of_output_bwd(layer, rule, forward, residuals, cotangent):
+  if forward:
+    term, zeros = residuals
+  else:
+    u, context = residuals
+    term, zeros = _hebbian_term_by_vjp(u, context, layer, rule), _zeros(context)
+  return cotangent, term, zeros
 
 
-_hebbian_identity.defvjp(_hebbian_identity_fwd, _hebbian_identity_bwd)
+_hebbian_of_output.defvjp(_hebbian_of_output_fwd, _hebbian_of_output_bwd)
 
 
 def _hebbian_conv_general_dilated(lhs, rhs, window_strides=None, padding='VALID',
                                   lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                                   feature_group_count=1, batch_group_count=1, precision=None,
-                                  preferred_element_type=None, *, probe, context, layer, rule):
-  """:func:`conv_general_dilated` whose backward pass also gives ``H = rule(x, u, W)`` as the
-  cotangent of ``probe`` (convolutions the GEMM path does not cover: XLA's conv, then ``H``)."""
+                                  preferred_element_type=None, *, probe, context, layer, rule,
+                                  forward: bool, gemm: bool):
+  """A convolution that also gives ``H = rule(x, u, W)`` as the cotangent of ``probe``, in its
+  forward (``forward``) or backward pass: with ``gemm``, :func:`conv_general_dilated` with ``H``
+  over its patches; else (or where the GEMM path does not apply) XLA's conv, then ``H`` by
+  the layer's own vjp."""
   geometry = geometry_of(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
                          dimension_numbers, feature_group_count, batch_group_count, precision)
-  if geometry is None or preferred_element_type is not None or lhs.dtype != rhs.dtype:
+  if not gemm or geometry is None or preferred_element_type is not None or lhs.dtype != rhs.dtype:
     u = lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                  dimension_numbers, feature_group_count, batch_group_count,
                                  precision, preferred_element_type)
-    return _hebbian_identity(u, probe, dict(context, bias=None), layer, rule)
-  return _hebbian_conv(lhs, rhs, probe, context, geometry, layer, rule)
+    return _hebbian_of_output(u, probe, context, layer, rule, forward)
+  # The conv's own operands when they are the module's (no second copy kept for the backward).
+  context = dict(context, inputs=None if context['inputs'] is lhs else context['inputs'],
+                 kernel=None if context['kernel'] is rhs else context['kernel'])
+  conv = _hebbian_conv_forward if forward else _hebbian_conv
+  return conv(lhs, rhs, probe, context, geometry, layer, rule)
 
 
 def resolve(impl: str) -> str:
@@ -323,33 +410,40 @@ class HebbianRule(NamedTuple):
   rule_kwargs: Optional[dict] = None
 
 
-def _conv_for(module, args, kwargs, hebbian: Optional[HebbianRule]) -> Callable:
-  """The convolution an ``nn.Conv`` call runs: with a probe beside its kernel (see
-  :func:`add_probes`), the one that also returns the layer's Hebbian term."""
-  probe = module.get_variable('params', PROBE) if hebbian is not None else None
+def _conv_for(module, args, kwargs, gemm: bool, hebbian: Optional[HebbianRule]):
+  """The convolution an ``nn.Conv`` call runs (``None``: its own): with a probe beside its
+  kernel (see :func:`add_probes`), one that also returns the layer's Hebbian term."""
+  probes = {name: module.get_variable('params', name) for name in PROBES} if hebbian else {}
+  probe = probes.get(PROBE_FORWARD)
+  forward = probe is not None
   if probe is None:
-    return conv_general_dilated
+    probe = probes.get(PROBE)
+  if probe is None:
+    return conv_general_dilated if gemm else None
   path = '/'.join(module.path + ('kernel',))
   bias = module.get_variable('params', 'bias') if module.use_bias else None
   context = {'inputs': args[0] if args else kwargs['inputs'], 'bias': bias,
              'kernel': module.get_variable('params', 'kernel')}
   rule = transform._rule_fn(hebbian.rule, path, hebbian.t_inv, hebbian.rule_kwargs)  # pylint: disable=protected-access
   return functools.partial(_hebbian_conv_general_dilated, probe=probe, context=context,
-                           layer=Layer.of(module), rule=rule)
+                           layer=Layer.of(module), rule=rule, forward=forward, gemm=gemm)
 
 
-def _interceptor(hebbian: Optional[HebbianRule]):
+def _interceptor(gemm: bool, hebbian: Optional[HebbianRule]):
   def swap_conv(next_fun, args, kwargs, context):
     """Runs an ``nn.Conv`` call with this module's convolution."""
     module = context.module
     if context.method_name != '__call__' or not isinstance(module, nn.Conv):
       return next_fun(*args, **kwargs)
     if module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None:
-      if hebbian is not None and module.get_variable('params', PROBE) is not None:
-        raise ValueError(f'{module.path}: a custom conv_general_dilated cannot give fused Hebbian '
-                         "terms; use conv_impl='xla'.")
+      if hebbian is not None and any(module.get_variable('params', p) is not None for p in PROBES):
+        raise ValueError(f'{module.path}: a module with its own conv_general_dilated cannot give '
+                         'fused Hebbian terms; compute them from taps (ghl_jax.hebbian_terms).')
       return next_fun(*args, **kwargs)
-    object.__setattr__(module, 'conv_general_dilated', _conv_for(module, args, kwargs, hebbian))
+    conv = _conv_for(module, args, kwargs, gemm, hebbian)
+    if conv is None:
+      return next_fun(*args, **kwargs)
+    object.__setattr__(module, 'conv_general_dilated', conv)
     try:
       return next_fun(*args, **kwargs)
     finally:
@@ -362,14 +456,14 @@ def use(impl: str = 'auto', hebbian: Optional[HebbianRule] = None):
   """Inside: every ``nn.Conv`` call uses the convolution ``impl`` names (see :func:`resolve`).
 
   With ``hebbian`` rule settings, each conv whose params hold a probe (:func:`add_probes`)
-  returns its raw Hebbian term as the probe's gradient (``impl`` 'gemm' only).
+  also returns its raw Hebbian term as the probe's gradient: over the conv's patches with
+  'gemm', by the layer's vjp with 'xla'.
   """
-  if resolve(impl) == 'xla':
-    if hebbian is not None:
-      raise ValueError("Fused Hebbian terms need conv_impl='gemm' (or 'auto' on CPU).")
+  gemm = resolve(impl) == 'gemm'
+  if not gemm and hebbian is None:
     yield
     return
-  with nn.intercept_methods(_interceptor(hebbian)):
+  with nn.intercept_methods(_interceptor(gemm, hebbian)):
     yield
 
 
@@ -388,44 +482,54 @@ def _flat(tree) -> dict:
   return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
 
 
-def add_probes(params, kernel_paths) -> dict:
-  """``params`` with a zero ``hebbian_probe`` beside each kernel in ``kernel_paths``: under
-  :func:`use` with rule settings, its gradient is the layer's raw Hebbian term."""
+def add_probes(params, kernel_paths, forward=()) -> dict:
+  """``params`` with a zero probe beside each kernel in ``kernel_paths``: under :func:`use`
+  with rule settings, its gradient is the layer's raw Hebbian term, formed in the backward
+  pass, or in the forward pass for the kernels also in ``forward`` (``'hebbian_probe_forward'``)."""
   flat = _flat(params)
   for path in kernel_paths:
-    flat[path[:-len('kernel')] + PROBE] = jnp.zeros(flat[path].shape, jnp.float32)
+    name = PROBE_FORWARD if path in forward else PROBE
+    flat[path[:-len('kernel')] + name] = jnp.zeros(flat[path].shape, jnp.float32)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
 def pop_probes(grads) -> tuple[dict, dict]:
   """``(grads without probes, {kernel_path: raw Hebbian term})``."""
   flat = _flat(grads)
-  terms = {path[:-len(PROBE)] + 'kernel': flat.pop(path) for path in list(flat)
-           if path.endswith('/' + PROBE) or path == PROBE}
+  terms = {}
+  for path in list(flat):
+    module, _, name = path.rpartition('/')
+    if name in PROBES:
+      terms[(module + '/' if module else '') + 'kernel'] = flat.pop(path)
   return flax.traverse_util.unflatten_dict(flat, sep='/'), terms
 
 
-def fused_kernels(taps, layers=None) -> tuple[tuple, tuple]:
-  """``(conv kernel paths, other kernel paths)`` of the kernels GHL governs (``layers`` as in
-  :func:`ghl_jax.ghl`): the convs get their terms from the backward pass, the others from taps."""
+def fused_kernels(params, taps, layers=None) -> tuple[dict, tuple]:
+  """``({conv kernel path: stacked axes}, other kernel paths)`` of the kernels GHL governs
+  (``layers`` as in :func:`ghl_jax.ghl`): the convs get their terms from probes (formed in the
+  forward pass for stacked kernels), the others (e.g. Dense kernels) from their taps."""
   selected = transform.selected_layers(taps, layers)
-  convs = tuple(path for path, entry in selected.items() if entry['layer'].is_conv)
+  flat = _flat(params)
+  convs = {path: flat[path].ndim - entry['layer'].kernel_ndim
+           for path, entry in selected.items() if entry['layer'].is_conv}
   return convs, tuple(path for path in selected if path not in convs)
 
 
+def probed_params(params, convs: dict) -> dict:
+  """``params`` with the probes of :func:`fused_kernels`' ``convs`` (stacked ones forward)."""
+  return add_probes(params, convs, forward={path for path, stacked in convs.items() if stacked})
+
+
 def fused_hebbian_terms(grads, params, taps, convs, others, ghl_kwargs: dict) -> tuple[dict, dict]:
-  """``(grads, {kernel_path: Hebbian})`` from the gradients of params with probes on ``convs``;
-  the ``others`` (e.g. Dense kernels) from their taps with :func:`ghl_jax.hebbian_terms`."""
+  """``(grads, {kernel_path: Hebbian})`` from the gradients of params with probes on ``convs``
+  (:func:`fused_kernels`); the ``others`` from their taps with :func:`ghl_jax.hebbian_terms`."""
   grads, terms = pop_probes(grads)
   if isinstance(params, flax.core.FrozenDict):
     grads = flax.core.freeze(grads)
   hebb = {}
   if others:
     hebb = transform.hebbian_terms(params, taps, **dict(ghl_kwargs, layers=others))
-  flat = _flat(params)
-  selected = transform.selected_layers(taps, convs) if convs else {}
-  for path in convs:
-    stacked = flat[path].ndim - selected[path]['layer'].kernel_ndim
+  for path, stacked in convs.items():
     hebb[path] = transform.Hebbian(terms[path], stacked)
   return grads, hebb
 

@@ -64,7 +64,8 @@ def finite_flags(loss, grads, hebb) -> dict:
 
 def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Optional[dict],
                     accum_steps: int = 1, lr_fns: Optional[dict] = None,
-                    trainable: Optional[str] = None, conv_impl: str = 'auto') -> Callable:
+                    trainable: Optional[str] = None, conv_impl: str = 'auto',
+                    fuse_hebbian: bool = True) -> Callable:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``ghl_kwargs`` (the
@@ -72,10 +73,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Opti
   (a regex over param paths) makes it a linear-probe step: backprop stops at the params it
   does not match, and their BatchNorms use (and keep) their running averages.
   ``conv_impl`` (:mod:`ghl_jax.fast_conv`: 'auto', 'xla' or 'gemm') picks how convolutions are
-  differentiated; with 'gemm' the Hebbian terms of GHL's conv layers come out of the backward
-  pass, from the patches of ``∂W``.
+  differentiated. The Hebbian terms of GHL's conv layers come out of the gradient pass (as the
+  gradients of zero probes beside their kernels, see :mod:`ghl_jax.fast_conv`); those of other
+  layers, or of every layer with ``fuse_hebbian=False``, from their taps after it.
   """
-  fused = ghl_kwargs is not None and trainable is None and fast_conv.resolve(conv_impl) == 'gemm'
+  fused = fuse_hebbian and ghl_kwargs is not None and trainable is None
   apply = tap(model.apply) if ghl_kwargs is not None else model.apply
   if trainable is not None:
     apply = hebbian_lib.frozen_features(apply, trainable)
@@ -91,9 +93,10 @@ def make_train_step(model, tx: optax.GradientTransformation, *, ghl_kwargs: Opti
       (logits, new_state), taps = result if ghl_kwargs is not None else (result, None)
       return cross_entropy(logits, labels), (logits, new_state, taps)
     if fused:                             # probes beside the conv kernels carry their terms
-      convs, others = fast_conv.fused_kernels(jax.eval_shape(loss_fn, params)[1][2], ghl_kwargs.get('layers'))
+      convs, others = fast_conv.fused_kernels(params, jax.eval_shape(loss_fn, params)[1][2],
+                                              ghl_kwargs.get('layers'))
       (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          fast_conv.add_probes(params, convs))
+          fast_conv.probed_params(params, convs))
       grads, hebb = fast_conv.fused_hebbian_terms(grads, params, taps, convs, others, ghl_kwargs)
     else:
       (loss, (logits, new_state, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

@@ -18,6 +18,7 @@ from jax import lax
 
 import ghl_jax
 from ghl_jax import fast_conv, host_memory, models, optim, steps
+from ghl_jax.models.layers import Repeatable, run_repeated
 import numpy_reference as ref
 
 # name -> (input shape, kernel shape, strides, padding, kernel dilation, feature groups)
@@ -181,29 +182,38 @@ def _module_case(name):
   return module, x, params
 
 
-def _fused_grads(module, x, params, rule, hyper, cotangent):
+def _fused_grads(module, x, params, rule, hyper, cotangent, impl='gemm', forward=False):
   """``(kernel grad, raw Hebbian term)`` of ``Σ cotangent · module(x)`` under the fused path."""
   settings = fast_conv.HebbianRule(rule, hyper.pop('t_inv', 1.0), hyper)
-  probed = fast_conv.add_probes(params, ['kernel'])
+  probed = fast_conv.add_probes(params, ['kernel'], forward=['kernel'] if forward else ())
 
   def loss(p):
-    with fast_conv.use('gemm', settings):
+    with fast_conv.use(impl, settings):
       return jnp.sum(module.apply({'params': p}, x) * cotangent)
   grads, terms = fast_conv.pop_probes(jax.jit(jax.grad(loss))(probed))
   return grads['kernel'], terms['kernel']
 
 
+def _rule_cases():
+  """Every rule on two geometries; softmax_oja on all, with both impls and placements."""
+  for rule in RULE_CASES:
+    for module in ('groups', 'stride2'):
+      yield f'{rule}__{module}', rule, module, 'gemm', False
+  for module in MODULES:
+    for impl, forward in itertools.product(('gemm', 'xla'), (False, True)):
+      yield f'softmax_oja__{module}__{impl}__{"forward" if forward else "backward"}', 'softmax_oja', module, impl, forward
+
+
 class FusedHebbianTest(chex.TestCase):
 
-  @parameterized.named_parameters(*((f'{rule}__{module}', rule, module)
-                                    for rule in RULE_CASES for module in MODULES))
-  def test_probe_gradient_is_the_numpy_rule(self, rule, module):
+  @parameterized.named_parameters(*_rule_cases())
+  def test_probe_gradient_is_the_numpy_rule(self, rule, module, impl, forward):
     module_, x, params = _module_case(module)
     rule_name, hyper = RULE_CASES[rule]
     _, taps = ghl_jax.tap(module_.apply)({'params': params}, x)
     u = module_.apply({'params': params}, x)
     cotangent = jax.random.normal(jax.random.key(5), u.shape)
-    grad, term = _fused_grads(module_, x, params, rule_name, dict(hyper), cotangent)
+    grad, term = _fused_grads(module_, x, params, rule_name, dict(hyper), cotangent, impl, forward)
     sites = ref.Sites(np.asarray(x), np.asarray(params['kernel']), taps['layer'], params.get('bias'))
     assert_close_to(term, ref.RULES[rule_name](sites, **hyper))
     expected_grad = sites.to_kernel(sites.correlate(np.asarray(cotangent, np.float64)))
@@ -222,30 +232,32 @@ class FusedHebbianTest(chex.TestCase):
                                          t_inv=0.7)
     assert_close_to(term, expected)
 
-  def test_use_swaps_every_conv_for_the_custom_vjp(self):
+  def test_use_swaps_every_conv_for_the_gemm_backward(self):
     module, x, params = _module_case('same_bias')
     loss = lambda p: module.apply({'params': p}, x).sum()
-    with fast_conv.use('gemm'):
-      jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-    self.assertIn('custom_vjp_call', jaxpr)
-    with fast_conv.use('xla'):
-      self.assertNotIn('custom_vjp_call', str(jax.make_jaxpr(jax.grad(loss))(params)))
+    convs = {}
+    for impl in ('gemm', 'xla'):
+      with fast_conv.use(impl):
+        convs[impl] = str(jax.make_jaxpr(jax.grad(loss))(params)).count('conv_general_dilated[')
+    self.assertEqual(convs, {'gemm': 1, 'xla': 2})         # 'gemm': only the forward conv
 
   def test_custom_conv_hook_with_probe_raises(self):
     module = nn.Conv(3, (3, 3), conv_general_dilated=lax.conv_general_dilated)
     x = jnp.ones((1, 5, 5, 2))
     params = fast_conv.add_probes(module.init(jax.random.key(0), x)['params'], ['kernel'])
-    with pytest.raises(ValueError, match="conv_impl='xla'"):
+    with pytest.raises(ValueError, match='own conv_general_dilated'):
       with fast_conv.use('gemm', fast_conv.HebbianRule()):
         module.apply({'params': params}, x)
 
   def test_probes_round_trip(self):
-    params = {'a': {'kernel': jnp.ones((3, 3, 2, 4)), 'bias': jnp.ones(4)}, 'b': {'kernel': jnp.ones((4, 2))}}
-    probed = fast_conv.add_probes(params, ['a/kernel'])
+    params = {'a': {'kernel': jnp.ones((3, 3, 2, 4)), 'bias': jnp.ones(4)},
+              'b': {'kernel': jnp.ones((2, 3, 3, 4, 4))}, 'c': {'kernel': jnp.ones((4, 2))}}
+    probed = fast_conv.probed_params(params, {'a/kernel': 0, 'b/kernel': 1})
     self.assertEqual(probed['a'][fast_conv.PROBE].shape, (3, 3, 2, 4))
+    self.assertEqual(probed['b'][fast_conv.PROBE_FORWARD].shape, (2, 3, 3, 4, 4))
     rest, terms = fast_conv.pop_probes(probed)
     chex.assert_trees_all_equal(rest, params)
-    self.assertEqual(list(terms), ['a/kernel'])
+    self.assertEqual(sorted(terms), ['a/kernel', 'b/kernel'])
 
 
 def test_resolve():
@@ -253,9 +265,6 @@ def test_resolve():
   assert fast_conv.resolve('xla') == 'xla'
   with pytest.raises(ValueError, match='conv_impl must be one of'):
     fast_conv.resolve('cudnn')
-  with pytest.raises(ValueError, match='need'):
-    with fast_conv.use('xla', fast_conv.HebbianRule()):
-      pass
 
 
 def test_keep_freed_memory_toggles():
@@ -266,8 +275,8 @@ def test_keep_freed_memory_toggles():
 # ------------------------------------------------------------------------------------------------
 # Train steps: 'gemm' (fused Hebbian terms) gives the parameters 'xla' (taps + conv vjp) gives.
 
-def _run_steps(model, ghl_kwargs, conv_impl, accum_steps=2):
-  batch = {'image': jax.random.normal(jax.random.key(2), (8, 32, 32, 3)), 'label': jnp.arange(8) % 10}
+def _run_steps(model, ghl_kwargs, accum_steps, size, **step_kwargs):
+  batch = {'image': jax.random.normal(jax.random.key(2), (4, size, size, 3)), 'label': jnp.arange(4) % 10}
   variables = model.init(jax.random.key(0), batch['image'][:1], train=False)
   t_inv = (ghl_kwargs or {}).get('t_inv', 1.0)
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10,
@@ -275,33 +284,56 @@ def _run_steps(model, ghl_kwargs, conv_impl, accum_steps=2):
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(variables['params']),
            'rng': jax.random.key(1)}
-  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=conv_impl,
-                                       accum_steps=accum_steps))
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  return state, metrics
+  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, accum_steps=accum_steps,
+                                       **step_kwargs))
+  return step(state, batch)
 
 
+class _Block(Repeatable):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Conv(4, (3, 3), padding=1, use_bias=False, name='conv')(x))
+
+
+class ScannedConvs(nn.Module):
+  """conv → 2 blocks under nn.scan (stacked kernels, as in the CIFAR ResNets) → classifier."""
+
+  @nn.compact
+  def __call__(self, images, *, train: bool):
+    del train
+    x = nn.Conv(4, (3, 3), strides=2, name='stem')(images)
+    x = run_repeated(_Block, 2, x, name='blocks')
+    return nn.Dense(10, name='classifier')(x.mean(axis=(1, 2)))
+
+
+# name -> (model, ghl_kwargs or None for backprop, micro-batches, image side)
 STEP_CASES = {
-    'deephebb_ghl': (lambda: models.DeepHebb(width=0.05),
-                     {'rule': 'softmax_oja', 't_inv': {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}}),
-    'deephebb_bp': (lambda: models.DeepHebb(width=0.05), None),
+    'deephebb_ghl_accumulated': (lambda: models.DeepHebb(width=0.05),
+                                 {'rule': 'softmax_oja', 't_inv': {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}},
+                                 2, 16),
+    'deephebb_bp': (lambda: models.DeepHebb(width=0.05), None, 1, 16),
     'deephebb_ghl_dense_too': (lambda: models.DeepHebb(width=0.05),
-                               {'rule': 'softmax_oja', 't_inv': 0.5, 'layers': 'conv|classifier'}),
-    'scanned_resnet_ghl': (lambda: models.CifarResNet(depth=14, width=0.25), {'rule': 'hpca'}),
+                               {'rule': 'softmax_oja', 't_inv': 0.5, 'layers': 'conv|classifier'}, 1, 16),
+    'scanned_blocks_ghl': (lambda: ScannedConvs(), {'rule': 'hpca'}, 1, 8),
 }
+# The reference: XLA's convolutions, every Hebbian term from taps after the gradient.
+REFERENCE = {'conv_impl': 'xla', 'fuse_hebbian': False}
+FUSED = {'gemm': {'conv_impl': 'gemm'}, 'xla': {'conv_impl': 'xla'}}
 
 
 @pytest.mark.parametrize('case', sorted(STEP_CASES))
-def test_gemm_train_step_matches_xla(case):
-  make, ghl_kwargs = STEP_CASES[case]
-  gemm_state, gemm_metrics = _run_steps(make(), ghl_kwargs, 'gemm')
-  xla_state, xla_metrics = _run_steps(make(), ghl_kwargs, 'xla')
-  chex.assert_trees_all_close(gemm_state['params'], xla_state['params'], atol=2e-6)
-  chex.assert_trees_all_close(gemm_state['batch_stats'], xla_state['batch_stats'], rtol=1e-5, atol=1e-6)
-  hebb_keys = sorted(k for k in xla_metrics if k.startswith('hebb/'))
-  assert hebb_keys == sorted(k for k in gemm_metrics if k.startswith('hebb/'))
+def test_fused_train_step_matches_taps_reference(case):
+  """'gemm' and 'xla' with fused Hebbian terms give the parameters of the taps path."""
+  make, ghl_kwargs, accum_steps, size = STEP_CASES[case]
+  ref_state, ref_metrics = _run_steps(make(), ghl_kwargs, accum_steps, size, **REFERENCE)
+  hebb_keys = sorted(k for k in ref_metrics if k.startswith('hebb/'))
   if ghl_kwargs and 'layers' in ghl_kwargs:
     assert any('classifier' in k for k in hebb_keys)
-  for key in hebb_keys:
-    np.testing.assert_allclose(gemm_metrics[key], xla_metrics[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  impls = ('gemm',) if case == 'deephebb_ghl_dense_too' else ('gemm', 'xla')
+  for impl in impls:
+    state, metrics = _run_steps(make(), ghl_kwargs, accum_steps, size, **FUSED[impl])
+    chex.assert_trees_all_close(state['params'], ref_state['params'], atol=2e-6)
+    chex.assert_trees_all_close(state['batch_stats'], ref_state['batch_stats'], rtol=1e-5, atol=1e-6)
+    assert hebb_keys == sorted(k for k in metrics if k.startswith('hebb/'))
+    for key in hebb_keys:
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6, err_msg=f'{impl} {key}')
