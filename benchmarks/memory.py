@@ -11,6 +11,7 @@ The Hebbian terms are computed inside the backward pass (from the patches of ``â
 
     python -m benchmarks.memory                                 # ResNet-50 @224 and ResNet-1202, batch 32
     python -m benchmarks.memory --models resnet20 --batch 8     # quick
+    python -m benchmarks.memory --taps      # also GHL with the Hebbian terms from taps after the gradient
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def parse_args(argv=None):
   parser.add_argument('--models', default='resnet50,resnet1202', help=f'comma-separated, of {sorted(MODELS)}')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--conv-impls', default='auto,xla', help="comma-separated conv_impl values")
+  parser.add_argument('--taps', action='store_true',
+                      help='also GHL with every Hebbian term from taps (fuse_hebbian=False)')
   parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
   args.model_list = [m.strip() for m in args.models.split(',')]
@@ -74,35 +77,41 @@ def state_spec(model, tx, image_shape):
   return jax.eval_shape(init)
 
 
-def compile_step(name: str, batch: int, ghl: bool, conv_impl: str) -> dict:
+def compile_step(name: str, batch: int, ghl: bool, conv_impl: str, fuse_hebbian: bool = True) -> dict:
   """Compiles one train step; returns its memory analysis and compile time."""
   model_name, side, classes = MODELS[name]
   model = models.build(model_name, num_classes=classes)
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=1000, use_ghl=ghl)
   ghl_kwargs = {'rule': 'softmax_oja', 't_inv': 1.0} if ghl else None
-  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=conv_impl),
-                 donate_argnums=(0,))
+  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=conv_impl,
+                                       fuse_hebbian=fuse_hebbian), donate_argnums=(0,))
   spec = {'image': jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32),
           'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
   start = time.perf_counter()
   compiled = step.lower(state_spec(model, tx, (side, side, 3)), spec).compile()
-  return {'model': name, 'batch': batch, 'mode': 'GHL' if ghl else 'BP',
+  return {'model': name, 'batch': batch, 'mode': ('GHL' if fuse_hebbian else 'GHL taps') if ghl else 'BP',
           'conv_impl': f'{conv_impl} ({fast_conv.resolve(conv_impl)})',
           'compile_s': time.perf_counter() - start, **peak_bytes(compiled)}
 
 
 def table(rows) -> str:
+  taps = any(r['mode'] == 'GHL taps' for r in rows)
   lines = ['| model | batch | conv_impl | BP peak (GiB) | GHL peak (GiB) | GHL / BP | GHL temp (GiB) '
-           '| BP temp (GiB) |', '|---|---:|---|---:|---:|---:|---:|---:|']
+           '| BP temp (GiB) |' + (' GHL from taps (GiB) | taps / BP |' if taps else ''),
+           '|---|---:|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if taps else '')]
   pairs = {}
   for r in rows:
     pairs.setdefault((r['model'], r['batch'], r['conv_impl']), {})[r['mode']] = r
   for (model, batch, impl), pair in pairs.items():
-    if len(pair) < 2:
+    if 'GHL' not in pair or 'BP' not in pair:
       continue
     g, b = pair['GHL'], pair['BP']
-    lines.append(f"| {model} | {batch} | {impl} | {b['peak'] / GIB:.2f} | {g['peak'] / GIB:.2f} | "
-                 f"{g['peak'] / b['peak']:.3f} | {g['temporaries'] / GIB:.2f} | {b['temporaries'] / GIB:.2f} |")
+    line = (f"| {model} | {batch} | {impl} | {b['peak'] / GIB:.2f} | {g['peak'] / GIB:.2f} | "
+            f"{g['peak'] / b['peak']:.3f} | {g['temporaries'] / GIB:.2f} | {b['temporaries'] / GIB:.2f} |")
+    if taps:
+      t = pair.get('GHL taps')
+      line += f" {t['peak'] / GIB:.2f} | {t['peak'] / b['peak']:.3f} |" if t else ' | |'
+    lines.append(line)
   return '\n'.join(lines)
 
 
@@ -112,8 +121,8 @@ def main(argv=None):
   rows = []
   for name in args.model_list:
     for impl in args.impls:
-      for ghl in (False, True):
-        rows.append(compile_step(name, args.batch, ghl, impl))
+      for ghl, fuse in ((False, True), (True, True)) + (((True, False),) if args.taps else ()):
+        rows.append(compile_step(name, args.batch, ghl, impl, fuse))
         r = rows[-1]
         print(f"{name} {r['mode']} conv_impl {r['conv_impl']}: peak {r['peak'] / GIB:.2f} GiB "
               f"(compiled in {r['compile_s']:.0f} s)", flush=True)
