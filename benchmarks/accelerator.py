@@ -121,7 +121,8 @@ def run_pair(name: str, dtype_name: str, args) -> list[dict]:
     median = statistics.median(r.times)
     rows.append({'model': name, 'dtype': dtype_name, 'mode': r.variant.label, 'batch': settings['batch'],
                  'median_s': median, 'images_per_s': settings['batch'] / median,
-                 'model_flops': flops[r.variant.label], 'xla_peak_bytes': memory_lib.peak_bytes(r.compiled)['peak'],
+                 'model_flops': flops[r.variant.label],
+                 'xla_peak_bytes': memory_lib.peak_bytes(r.compiled)['peak'],
                  'device_high_water_bytes': high_water, 'compile_s': r.compile_s, 'loss': r.loss})
   return rows
 

@@ -18,6 +18,11 @@ meanwhile (from /proc/stat), since shared machines make wall times noisy::
     python -m benchmarks.step_time                          # DeepHebb, batch 64: GHL vs BP
     python -m benchmarks.step_time --variants=changes       # every kept change, before/after
     python -m benchmarks.step_time --model resnet20 --width 1 --batch 32 --steps 5
+
+Variant labels: 'GHL'/'BP' is the step as trained (``conv_impl='auto'``); ``xla``: XLA's own
+convolutions (``conv_impl='xla'``); ``taps``: every Hebbian term from taps after the gradient
+(``fuse_hebbian=False``); ``flaxpool``: DeepHebb's max pools as ``nn.max_pool``; ``nodonate``:
+the state is not donated. ``--malloc=default`` runs with glibc's allocator defaults.
 """
 from __future__ import annotations
 

@@ -32,6 +32,9 @@ patches the convolution builds anyway, so the Hebbian term never builds patches 
   convolution is computed as ``u = P W``; only ``H`` is kept for the backward pass, since a
   scan stacks whatever the backward pass needs of every block (``u`` would add one
   activation-sized buffer per block).
+
+With ``'xla'`` the probes work alike, the rule's ``Σ y ⊗ x`` being the layer's own
+``kernel_product`` (the vjp of XLA's conv: no patches) after XLA's convolution.
 """
 from __future__ import annotations
 
@@ -163,12 +166,6 @@ def patch_apply(cols, kernel, out_shape, geometry: Geometry) -> jax.Array:
   w = kernel.reshape(taps, per_group, g, features // g).transpose(2, 0, 1, 3).reshape(g, -1, features // g)
   u = lax.dot_general(cols, w, (((2,), (1,)), ((0,), (0,))), precision=geometry.precision)
   return u.transpose(1, 0, 2).reshape(out_shape)
-
-
-def kernel_grad(x, cotangent, kernel_shape, geometry: Geometry, accumulate=None) -> jax.Array:
-  """``∂W = Pᵀ δ`` in the kernel's shape."""
-  cols = patch_matrix(x, kernel_shape[:-2], geometry)
-  return patch_product(cols, cotangent, kernel_shape, geometry, accumulate)
 
 
 def input_grad(cotangent, kernel, in_shape, geometry: Geometry) -> jax.Array:
@@ -424,7 +421,8 @@ def _conv_for(module, args, kwargs, gemm: bool, hebbian: Optional[HebbianRule]):
   bias = module.get_variable('params', 'bias') if module.use_bias else None
   context = {'inputs': args[0] if args else kwargs['inputs'], 'bias': bias,
              'kernel': module.get_variable('params', 'kernel')}
-  rule = transform._rule_fn(hebbian.rule, path, hebbian.t_inv, hebbian.rule_kwargs)  # pylint: disable=protected-access
+  rule = transform._rule_fn(  # pylint: disable=protected-access
+      hebbian.rule, path, hebbian.t_inv, hebbian.rule_kwargs)
   return functools.partial(_hebbian_conv_general_dilated, probe=probe, context=context,
                            layer=Layer.of(module), rule=rule, forward=forward, gemm=gemm)
 
@@ -489,7 +487,8 @@ def add_probes(params, kernel_paths, forward=()) -> dict:
   flat = _flat(params)
   for path in kernel_paths:
     name = PROBE_FORWARD if path in forward else PROBE
-    flat[path[:-len('kernel')] + name] = jnp.zeros(flat[path].shape, jnp.float32)
+    # zeros_like keeps the kernel's per-device type inside shard_map (a per-device term).
+    flat[path[:-len('kernel')] + name] = jnp.zeros_like(flat[path], dtype=jnp.float32)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 

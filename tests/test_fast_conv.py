@@ -201,7 +201,8 @@ def _rule_cases():
       yield f'{rule}__{module}', rule, module, 'gemm', False
   for module in MODULES:
     for impl, forward in itertools.product(('gemm', 'xla'), (False, True)):
-      yield f'softmax_oja__{module}__{impl}__{"forward" if forward else "backward"}', 'softmax_oja', module, impl, forward
+      placement = 'forward' if forward else 'backward'
+      yield f'softmax_oja__{module}__{impl}__{placement}', 'softmax_oja', module, impl, forward
 
 
 class FusedHebbianTest(chex.TestCase):
@@ -309,8 +310,8 @@ class ScannedConvs(nn.Module):
 # name -> (model, ghl_kwargs or None for backprop, micro-batches, image side)
 STEP_CASES = {
     'deephebb_ghl_accumulated': (lambda: models.DeepHebb(width=0.05),
-                                 {'rule': 'softmax_oja', 't_inv': {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}},
-                                 2, 16),
+                                 {'rule': 'softmax_oja',
+                                  't_inv': {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}}, 2, 16),
     'deephebb_bp': (lambda: models.DeepHebb(width=0.05), None, 1, 16),
     'deephebb_ghl_dense_too': (lambda: models.DeepHebb(width=0.05),
                                {'rule': 'softmax_oja', 't_inv': 0.5, 'layers': 'conv|classifier'}, 1, 16),
@@ -336,4 +337,5 @@ def test_fused_train_step_matches_taps_reference(case):
     chex.assert_trees_all_close(state['batch_stats'], ref_state['batch_stats'], rtol=1e-5, atol=1e-6)
     assert hebb_keys == sorted(k for k in metrics if k.startswith('hebb/'))
     for key in hebb_keys:
-      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6, err_msg=f'{impl} {key}')
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6,
+                                 err_msg=f'{impl} {key}')

@@ -64,7 +64,8 @@ def test_matches_numpy_and_flax(name, ties):
   pool = jax.jit(lambda x: max_pool(x, window, strides, padding))
   y = pool(x)
   cotangent = jax.random.normal(jax.random.key(1), y.shape)
-  grad = jax.jit(lambda x, c: jax.vjp(lambda x: max_pool(x, window, strides, padding), x)[1](c)[0])(x, cotangent)
+  pullback = lambda x, c: jax.vjp(lambda x: max_pool(x, window, strides, padding), x)[1](c)[0]
+  grad = jax.jit(pullback)(x, cotangent)
   expected_y, expected_grad = np_max_pool(x, window, strides, padding, cotangent)
   np.testing.assert_allclose(y, expected_y, rtol=0, atol=0)
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
