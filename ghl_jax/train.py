@@ -8,11 +8,9 @@ line with images/s and ETA; fail-fast on NaN/Inf naming the step and the first b
 """
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import threading
-from typing import Any
 
 from absl import logging
 import jax
