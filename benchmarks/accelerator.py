@@ -2,7 +2,7 @@
 ImageNet shapes (synthetic data), float32 and bfloat16 compute, printed as one table.
 
 For every (model, dtype) it compiles the project's donated train step for GHL and for BP
-(:func:`ghl_jax.steps.make_train_step`, paper's two-group SGD), runs them in turn step by step
+(:func:`ghl_jax.train.steps.make_train_step`, paper's two-group SGD), runs them in turn step by step
 and reports per mode: median step time, images/s, model FLOPs per step (as in
 :mod:`benchmarks.step_time`), achieved FLOP/s as a share of a bfloat16 matmul peak measured at
 the start of the same run, XLA's planned peak memory of the step and the device's memory
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from benchmarks import memory as memory_lib
 from benchmarks import step_time
-from ghl_jax import host_memory, models
+from ghl_jax import models
+from ghl_jax.kernels import host_memory
 
 GIB = 2 ** 30
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

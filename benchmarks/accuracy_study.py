@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 
 from experiments.configs import common
-from ghl_jax import data as data_lib
+from ghl_jax.train import data as data_lib
 from ghl_jax import metrics
 from ghl_jax import train
 

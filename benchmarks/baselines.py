@@ -34,8 +34,8 @@ import jax  # noqa: E402
 from experiments.configs import baselines as baseline_recipes  # noqa: E402
 from experiments.configs import common  # noqa: E402
 from experiments.configs import recipes  # noqa: E402
-from ghl_jax import data as data_lib  # noqa: E402
-from ghl_jax import metrics as metrics_lib  # noqa: E402
+from ghl_jax.train import data as data_lib  # noqa: E402
+from ghl_jax.train import metrics as metrics_lib  # noqa: E402
 from ghl_jax import plots  # noqa: E402
 from ghl_jax import train  # noqa: E402
 
@@ -144,7 +144,7 @@ def run_row(name: str, dataset: str, args) -> dict:
   workdir = os.path.join(args.workdir, dataset, name)
   shutil.rmtree(workdir, ignore_errors=True)
   _Clock.marks = []
-  train.Progress = _Clock
+  train.loop.Progress = _Clock
   start = time.perf_counter()
   try:
     final = train.train_and_evaluate(config, workdir)

@@ -42,17 +42,19 @@ GIB = 2**30
 MIB = 2**20
 
 
-def make_step(model, tx):
-  """One GHL train step: taps + grads, ``tx.update(..., taps=)``, apply."""
-  def step(params, batch_stats, opt_state, images, labels):
-    def loss_fn(p):
-      (logits, state), taps = ghl_jax.tap(model.apply)(
-          {'params': p, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (state['batch_stats'], taps)
+def make_step(model, tx, rule):
+  """One GHL train step through the public fused path: ``ghl_jax.value_and_grad``, then
+  ``tx.update(..., hebb=)``, apply."""
+  def loss_fn(params, batch_stats, images, labels):
+    logits, state = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
+                                mutable=['batch_stats'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, state['batch_stats']
+  grad_fn = ghl_jax.value_and_grad(loss_fn, rule, has_aux=True)
 
-    (loss, (batch_stats, taps)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, taps=taps)
+  def step(params, batch_stats, opt_state, images, labels):
+    (loss, batch_stats), grads, hebb = grad_fn(params, batch_stats, images, labels)
+    updates, opt_state = tx.update(grads, opt_state, params, hebb=hebb)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 1, 2))
@@ -70,14 +72,15 @@ def xla_bytes(compiled) -> int:
 
 def measure(depth: int) -> dict:
   model = models.CifarResNet(depth=depth, remat=FLAGS.remat, shortcut=FLAGS.shortcut)
-  tx = ghl_jax.optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10_000)
+  rule = ghl_jax.Rule('softmax_oja')
+  tx = ghl_jax.optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10_000, rule=rule)
   key = jax.random.key(0, impl='rbg')
   images = jax.random.normal(key, (FLAGS.batch, 32, 32, 3))
   labels = jnp.arange(FLAGS.batch) % 10
   variables = jax.jit(lambda: model.init(key, images, train=False))()
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
-  step = make_step(model, tx)
+  step = make_step(model, tx, rule)
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (params, batch_stats, opt_state))
 
   start = time.perf_counter()

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import step_time
-from ghl_jax import data as data_lib
-from ghl_jax import host_memory, models
+from ghl_jax.train import data as data_lib
+from ghl_jax import models
+from ghl_jax.kernels import host_memory
 
 
 def parse_args(argv=None):

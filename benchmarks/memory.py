@@ -1,6 +1,6 @@
 """Peak memory of the GHL train step vs the backprop step, from XLA's compiled memory analysis.
 
-For each model it compiles (never runs) the project's train step (:func:`ghl_jax.steps.make_train_step`,
+For each model it compiles (never runs) the project's train step (:func:`ghl_jax.train.steps.make_train_step`,
 state donated, paper's two-group SGD) for GHL and for BP, with the backend's default
 ``conv_impl`` and with XLA's own convolutions, and reads XLA's buffer assignment::
 
@@ -23,7 +23,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from ghl_jax import fast_conv, models, optim, steps
+import ghl_jax
+from benchmarks import loops
+from ghl_jax import accel, models, optim
+from ghl_jax.train import steps
 
 GIB = 2 ** 30
 # name -> (model name, image side, classes)
@@ -41,7 +44,7 @@ def parse_args(argv=None):
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--conv-impls', default='auto,xla', help="comma-separated conv_impl values")
   parser.add_argument('--taps', action='store_true',
-                      help='also GHL with every Hebbian term from taps (fuse_hebbian=False)')
+                      help='also GHL with every Hebbian term from taps (the v1 loop of benchmarks.loops.taps_step)')
   parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
   args.model_list = [m.strip() for m in args.models.split(',')]
@@ -51,7 +54,7 @@ def parse_args(argv=None):
   args.impls = [i.strip() for i in args.conv_impls.split(',')]
   for impl in args.impls:
     try:
-      fast_conv.resolve(impl)
+      accel.resolve(impl)
     except ValueError as error:
       parser.error(str(error))
   return args
@@ -81,16 +84,19 @@ def compile_step(name: str, batch: int, ghl: bool, conv_impl: str, fuse_hebbian:
   """Compiles one train step; returns its memory analysis and compile time."""
   model_name, side, classes = MODELS[name]
   model = models.build(model_name, num_classes=classes)
-  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=1000, use_ghl=ghl)
-  ghl_kwargs = {'rule': 'softmax_oja', 't_inv': 1.0} if ghl else None
-  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=conv_impl,
-                                       fuse_hebbian=fuse_hebbian), donate_argnums=(0,))
+  rule = ghl_jax.Rule('softmax_oja') if ghl else None
+  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=1000, use_ghl=ghl, rule=rule)
+  if fuse_hebbian:
+    step = steps.make_train_step(model, tx, rule=rule, conv_impl=conv_impl)
+  else:
+    step = accel.wrap(loops.taps_step(model, tx, ghl), conv_impl)
+  step = jax.jit(step, donate_argnums=(0,))
   spec = {'image': jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32),
           'label': jax.ShapeDtypeStruct((batch,), jnp.int32)}
   start = time.perf_counter()
   compiled = step.lower(state_spec(model, tx, (side, side, 3)), spec).compile()
   return {'model': name, 'batch': batch, 'mode': ('GHL' if fuse_hebbian else 'GHL taps') if ghl else 'BP',
-          'conv_impl': f'{conv_impl} ({fast_conv.resolve(conv_impl)})',
+          'conv_impl': f'{conv_impl} ({accel.resolve(conv_impl)})',
           'compile_s': time.perf_counter() - start, **peak_bytes(compiled)}
 
 

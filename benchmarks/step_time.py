@@ -1,6 +1,6 @@
 """Train-step time of GHL vs end-to-end backprop, interleaved in one process.
 
-Every variant runs the project's jitted train step (:func:`ghl_jax.steps.make_train_step`,
+Every variant runs the project's jitted train step (:func:`ghl_jax.train.steps.make_train_step`,
 state donated) with the paper's two-group SGD; GHL adds the Hebbian terms and
 ``sign(G) ⊙ |Ĥ|``. The variants take turns step by step (round-robin), and every round also
 times a sustained float32 matmul chain, so that machine load hits all of them alike. Per
@@ -21,7 +21,7 @@ meanwhile (from /proc/stat), since shared machines make wall times noisy::
 
 Variant labels: 'GHL'/'BP' is the step as trained (``conv_impl='auto'``); ``xla``: XLA's own
 convolutions (``conv_impl='xla'``); ``taps``: every Hebbian term from taps after the gradient
-(``fuse_hebbian=False``); ``flaxpool``: DeepHebb's max pools as ``nn.max_pool``; ``nodonate``:
+(the v1 loop of :func:`benchmarks.loops.taps_step`); ``flaxpool``: DeepHebb's max pools as ``nn.max_pool``; ``nodonate``:
 the state is not donated. ``--malloc=default`` runs with glibc's allocator defaults.
 """
 from __future__ import annotations
@@ -41,7 +41,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghl_jax import host_memory, models, optim, steps, transform
+import ghl_jax
+from benchmarks import loops
+from ghl_jax import models, optim, transform
+from ghl_jax.kernels import host_memory
+from ghl_jax.train import steps
 from ghl_jax.models import deephebb
 from ghl_jax.tap import Layer, entries, tap
 
@@ -212,11 +216,13 @@ def default_ghl_layers(model_name: str):
 
 def build_step(model, variant: Variant, t_inv, total_steps: int):
   """``(jitted step, tx)`` of one variant."""
+  rule = ghl_jax.Rule('softmax_oja', t_inv=t_inv) if variant.ghl else None
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=total_steps,
-                       use_ghl=variant.ghl, t_inv=t_inv)
-  ghl_kwargs = {'rule': 'softmax_oja', 't_inv': t_inv} if variant.ghl else None
-  step = steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, conv_impl=variant.conv_impl,
-                               fuse_hebbian=variant.fused)
+                       use_ghl=variant.ghl, rule=rule)
+  if variant.fused:
+    step = steps.make_train_step(model, tx, rule=rule, conv_impl=variant.conv_impl)
+  else:
+    step = ghl_jax.accel.wrap(loops.taps_step(model, tx, variant.ghl), variant.conv_impl)
   return jax.jit(step, donate_argnums=(0,) if variant.donate else ()), tx
 
 

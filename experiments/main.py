@@ -11,10 +11,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from ghl_jax import distributed
+from ghl_jax.train import distributed
 from ghl_jax import train
-from ghl_jax.data import DatasetMissingError
-from ghl_jax.validate import ConfigError
+from ghl_jax.train.data import DatasetMissingError
+from ghl_jax.train.validate import ConfigError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).', lock_config=True)

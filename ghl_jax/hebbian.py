@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ghl_jax import rules as rules_lib
 from ghl_jax import transform
+from ghl_jax.rule import Layers, Rule, TInv, per_layer
 
 Rate = Union[float, Mapping[str, float]]
 NORM_EPS = 1e-10
@@ -71,8 +71,8 @@ class HebbianAscentState(NamedTuple):
   """hebbian_ascent() keeps no state."""
 
 
-def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb',
-                   t_inv: transform.TInv = 1.0, rule_kwargs: Optional[dict] = None,
+def hebbian_ascent(lr: Rate, *, rule: Union[Rule, str, Callable] = 'softhebb', layers: Layers = None,
+                   t_inv: TInv = 1.0, rule_kwargs: Optional[dict] = None,
                    norm_power: Optional[float] = None, axis_name: Optional[str] = None
                    ) -> optax.GradientTransformationExtraArgs:
   """Unsupervised Hebbian training: ``W_k ← W_k + η_k Ĥ_k`` on every selected kernel.
@@ -80,12 +80,10 @@ def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb'
   Args:
     lr: the layer rate ``η_layer``, a float or a mapping from module path/regex to float; a
       selected layer the mapping does not cover is an error.
-    layers: ``None`` (every nn.Conv kernel), a regex over '/'-joined kernel paths, or a
-      collection of exact kernel paths.
-    rule: a rule of :mod:`ghl_jax.rules` (``'softhebb'``, ``'swta'``, ``'hpca'``, ...) or a
-      callable with the same signature.
-    t_inv: inverse temperature of the rule (float or per-layer mapping), for rules that take one.
-    rule_kwargs: extra keyword arguments of the rule.
+    rule: a :class:`~ghl_jax.Rule` (``Rule('softhebb', t_inv=..., layers=...)``), or (v1) the
+      name of a rule of :mod:`ghl_jax.rules` (``'softhebb'``, ``'swta'``, ``'hpca'``, ...) or a
+      callable with the same signature, with ``layers``, ``t_inv`` and ``rule_kwargs`` beside it
+      (``layers=None``: every nn.Conv kernel).
     norm_power: ``p`` of SoftHebb's per-neuron rate ``η_layer (|‖W_k‖₂ − 1| + 1e-10)^p``
       (computed from the weights before the step); ``None`` for a constant rate.
     axis_name: inside ``pmap``/``shard_map``, raw terms are summed over this axis first.
@@ -97,7 +95,7 @@ def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb'
   _check_rates(lr)
   if norm_power is not None and not float(norm_power) >= 0:
     raise ValueError(f'hebbian_ascent norm_power must be >= 0 or None, got {norm_power!r}.')
-  rules_lib.get(rule)
+  rule = Rule.of(rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
 
   def init(params):
     del params
@@ -111,8 +109,7 @@ def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb'
       if taps is None:
         raise ValueError('hebbian_ascent needs taps=ghl_jax.tap(apply)(...)[1] or '
                          'hebb=hebbian_terms(...) in tx.update.')
-      hebb = transform.hebbian_terms(params, taps, rule=rule, t_inv=t_inv, layers=layers,
-                                     rule_kwargs=rule_kwargs)
+      hebb = transform.hebbian_terms(params, taps, rule=rule)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
     flat = {path: jnp.zeros_like(u) if hasattr(u, 'shape') else u   # MaskedNode, empty nodes
@@ -121,7 +118,7 @@ def hebbian_ascent(lr: Rate, *, layers: transform.Layers = None, rule='softhebb'
     for path, term in hebb.items():
       if path not in flat or isinstance(flat[path], optax.MaskedNode):
         continue
-      rate = transform.per_layer(path, lr)
+      rate = per_layer(path, lr)
       if rate is None:
         raise ValueError(f'hebbian_ascent lr={dict(lr)!r} gives no rate for {path!r}; add its module '
                          'path (or a regex matching it) to the mapping.')

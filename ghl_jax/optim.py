@@ -15,6 +15,7 @@ from typing import Collection, Optional, Union
 import flax
 import optax
 
+from ghl_jax.rule import Rule
 from ghl_jax.transform import ghl
 
 DEFAULT_GHL_KERNELS = r'(?i)conv[^/]*/kernel$'
@@ -46,19 +47,23 @@ def cosine(peak: float, total_steps: int) -> optax.Schedule:
 
 def paper_sgd(*, lr: float, lr_conv: float, wd_conv: float, total_steps: int,
               kernels: Union[str, Collection[str]] = DEFAULT_GHL_KERNELS, use_ghl: bool = True,
-              **ghl_kwargs) -> optax.GradientTransformationExtraArgs:
+              rule: Optional[Rule] = None, **ghl_kwargs) -> optax.GradientTransformationExtraArgs:
   """The paper's optimizer: GHL (or BP) on ``kernels`` with decay, plain SGD elsewhere.
 
   ``kernels`` (regex or exact '/'-joined paths) names the GHL group; by default, as in the
-  paper's code, every kernel whose module name contains "conv". ``ghl_kwargs`` go to
-  :func:`ghl_jax.ghl` (``t_inv``, ``rule``, ``direction``, ...). With ``use_ghl=False`` the
-  same groups train by plain backprop (the paper-recipe BP baseline).
+  paper's code, every kernel whose module name contains "conv". ``rule`` (a :class:`~ghl_jax.Rule`) and ``ghl_kwargs`` (``direction``,
+  ``magnitude``, ``axis_name``; v1: ``t_inv``, ``layers``...) go to :func:`ghl_jax.ghl`. With
+  ``use_ghl=False`` the same groups train by plain backprop (the paper-recipe BP baseline).
   """
   if wd_conv < 0:
     raise ValueError(f'wd_conv must be >= 0, got {wd_conv}.')
   ghl_group = [optax.add_decayed_weights(wd_conv), optax.sgd(cosine(lr_conv, total_steps))]
   if use_ghl:
-    ghl_group.insert(0, ghl(layers=kernels, **ghl_kwargs))
+    if rule is None:
+      ghl_kwargs.setdefault('layers', kernels)
+    else:
+      ghl_kwargs['rule'] = rule
+    ghl_group.insert(0, ghl(**ghl_kwargs))
   return optax.multi_transform(
       {'ghl': optax.chain(*ghl_group), 'bp': optax.sgd(cosine(lr, total_steps))},
       group_labels(kernels), mask_compatible_extra_args=True)

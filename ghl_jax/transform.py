@@ -12,9 +12,7 @@ Every other leaf passes through unchanged. Chain it before weight decay and SGD 
 """
 from __future__ import annotations
 
-import inspect
-import re
-from typing import Any, Collection, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import flax
 import jax
@@ -23,9 +21,7 @@ import optax
 
 from ghl_jax import rules as rules_lib
 from ghl_jax import tap as tap_lib
-
-Layers = Optional[Union[str, Collection[str]]]
-TInv = Union[float, Mapping[str, float]]
+from ghl_jax.rule import Layers, Rule, TInv, per_layer
 DIRECTIONS = ('gradient', 'hebbian')
 MAGNITUDES = ('hebbian', 'unit', 'gradient')
 
@@ -47,46 +43,26 @@ def kernel_path(module_path: tuple) -> str:
   return '/'.join(module_path + ('kernel',))
 
 
-def _is_selected(path: str, layer: tap_lib.Layer, layers: Layers) -> bool:
-  if layers is None:
-    return layer.is_conv
-  if isinstance(layers, str):
-    return re.search(layers, path) is not None
-  return path in layers
-
-
-def selected_layers(taps: Mapping, layers: Layers = None) -> dict:
+def selected_layers(taps: Mapping, layers: Union[Layers, Rule] = None) -> dict:
   """``{kernel_path: tap_entry}`` for the kernels GHL governs.
 
   ``layers=None`` selects every ``nn.Conv`` kernel (the paper); a string is a regex searched
-  in '/'-joined kernel paths (e.g. ``'conv|mlp'``); a collection lists exact kernel paths.
+  in '/'-joined kernel paths (e.g. ``'conv|mlp'``); a collection lists exact kernel paths; a
+  :class:`~ghl_jax.Rule` selects by its own ``layers``.
   """
+  rule = layers if isinstance(layers, Rule) else Rule(layers=layers)
   chosen = {kernel_path(path): entry for path, entry in tap_lib.entries(taps)
-            if _is_selected(kernel_path(path), entry['layer'], layers)}
-  if layers is not None and not chosen:
+            if rule.selects(kernel_path(path), entry['layer'].is_conv)}
+  if rule.layers is not None and not chosen:
     known = [kernel_path(p) for p, _ in tap_lib.entries(taps)]
-    raise ValueError(f'ghl layers={layers!r} selects no tapped kernel; tapped kernels are {known}.')
+    raise ValueError(f'ghl layers={rule.layers!r} selects no tapped kernel; tapped kernels are {known}.')
   return chosen
-
-
-def per_layer(path: str, value: TInv, default: Optional[float] = None) -> Optional[float]:
-  """A per-layer setting of the kernel at ``path``: ``value`` itself if it is a float, else
-  its entry for the module path (exact, then the first regex found in ``path``), else ``default``."""
-  if not isinstance(value, Mapping):
-    return float(value)
-  module = path.rsplit('/', 1)[0]
-  for key in (module, path):
-    if key in value:
-      return float(value[key])
-  for pattern, entry in value.items():
-    if re.search(pattern, path):
-      return float(entry)
-  return default
 
 
 def t_inv_for(path: str, t_inv: TInv) -> float:
   """``t_inv`` of one layer: a float, or a mapping from module path (exact, then regex) to float."""
-  return per_layer(path, t_inv, 1.0)
+  value = per_layer(path, t_inv)
+  return 1.0 if value is None else value
 
 
 def _get(tree: Any, path: str):
@@ -95,29 +71,23 @@ def _get(tree: Any, path: str):
   return tree
 
 
-def _rule_fn(rule, path, t_inv, rule_kwargs):
-  fn = rules_lib.get(rule)
-  kwargs = dict(rule_kwargs or {})
-  if 't_inv' in inspect.signature(fn).parameters:
-    kwargs.setdefault('t_inv', t_inv_for(path, t_inv))
-  return lambda x, u, w, layer: fn(x, u, w, layer, **kwargs)
+def hebbian_terms(params: Any, taps: Mapping, *, rule: Union[Rule, str, Callable] = 'softmax_oja',
+                  t_inv: TInv = 1.0, layers: Layers = None, rule_kwargs: Optional[dict] = None) -> dict:
+  """Raw local terms ``{kernel_path: Hebbian}`` of every layer ``rule`` selects (not normalised).
 
-
-def hebbian_terms(params: Any, taps: Mapping, *, rule='softmax_oja', t_inv: TInv = 1.0,
-                  layers: Layers = None, rule_kwargs: Optional[dict] = None) -> dict:
-  """Raw local terms ``{kernel_path: Hebbian}`` of every selected layer (not normalised).
-
-  Raw terms add up: sum them over micro-batches or devices, then let ``ghl()`` normalise.
-  A layer called several times (weight sharing) sums its calls.
+  ``rule`` is a :class:`~ghl_jax.Rule`, or (v1) a rule name with ``t_inv``, ``layers`` and
+  ``rule_kwargs`` beside it. Raw terms add up: sum them over micro-batches or devices, then let
+  ``ghl()`` normalise. A layer called several times (weight sharing) sums its calls.
   """
+  rule = Rule.of(rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
   terms = {}
-  for path, entry in selected_layers(taps, layers).items():
+  for path, entry in selected_layers(taps, rule).items():
     kernel = _get(params, path)
     if isinstance(kernel, optax.MaskedNode):
       continue
     layer = entry['layer']
     stacked = kernel.ndim - layer.kernel_ndim
-    fn = _rule_fn(rule, path, t_inv, rule_kwargs)
+    fn = rule.term(path)
     for _ in range(stacked):
       fn = jax.vmap(fn, in_axes=(0, 0, 0, None))
     calls = entry['inputs'], entry['outputs']
@@ -140,36 +110,37 @@ class GHLState(NamedTuple):
   """ghl() keeps no state."""
 
 
-def ghl(t_inv: TInv = 1.0, *, layers: Layers = None, rule='softmax_oja',
+def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', layers: Layers = None,
         rule_kwargs: Optional[dict] = None, direction: str = 'gradient',
         magnitude: str = 'hebbian', axis_name: Optional[str] = None
         ) -> optax.GradientTransformationExtraArgs:
   """Global-guided Hebbian learning: ``G ← sign(G) ⊙ |Ĥ|`` for every selected kernel.
 
   Args:
-    t_inv: inverse softmax temperature, a float or a mapping from module path/regex to float
-      (unmatched layers use 1.0).
-    layers: ``None`` (every nn.Conv kernel), a regex over '/'-joined kernel paths, or a
+    t_inv: (v1) inverse softmax temperature, a float or a mapping from module path/regex to
+      float (unmatched layers use 1.0).
+    rule: a :class:`~ghl_jax.Rule` (then give no ``t_inv``/``layers``/``rule_kwargs``), or (v1) the
+      name of a rule in :mod:`ghl_jax.rules` or a callable with the same signature.
+    layers: (v1) ``None`` (every nn.Conv kernel), a regex over '/'-joined kernel paths, or a
       collection of exact kernel paths.
-    rule: name of a rule in :mod:`ghl_jax.rules` or a callable with the same signature.
-    rule_kwargs: extra keyword arguments of the rule (e.g. ``{'decay': False}``).
+    rule_kwargs: (v1) extra keyword arguments of the rule (e.g. ``{'decay': False}``).
     direction: ``'gradient'`` (sign of ``G``, GHL) or ``'hebbian'`` (ascent along ``Ĥ``).
     magnitude: ``'hebbian'`` (``|Ĥ|``, GHL), ``'unit'`` (sign-SGD) or ``'gradient'`` (``|G|``).
     axis_name: inside ``pmap``/``shard_map``, raw terms are summed over this axis before
       normalising, so every device sees the global-batch ``Ĥ``.
 
-  ``update(grads, state, params, *, taps)`` computes the terms from taps (``ghl_jax.tap``);
-  ``update(..., hebb=hebbian_terms(...))`` takes precomputed raw terms instead (used for
-  gradient accumulation).
+  ``update(grads, state, params, *, hebb)`` takes raw terms from :func:`ghl_jax.value_and_grad`
+  (or :func:`hebbian_terms`, summed over micro-batches); ``update(..., taps=...)`` computes
+  them from taps (``ghl_jax.tap``) with the rule.
   """
   if direction not in DIRECTIONS:
     raise ValueError(f'ghl direction must be one of {DIRECTIONS}, got {direction!r}.')
   if magnitude not in MAGNITUDES:
     raise ValueError(f'ghl magnitude must be one of {MAGNITUDES}, got {magnitude!r}.')
-  for path, value in ((None, t_inv),) if not isinstance(t_inv, Mapping) else t_inv.items():
-    if not float(value) > 0:
-      raise ValueError(f'ghl t_inv must be > 0, got {value!r}' + (f' for {path!r}.' if path else '.'))
-  rules_lib.get(rule)
+  try:
+    rule = Rule.of(rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
+  except ValueError as error:
+    raise ValueError(f'ghl: {error}') from None
 
   def init(params):
     del params
@@ -177,12 +148,13 @@ def ghl(t_inv: TInv = 1.0, *, layers: Layers = None, rule='softmax_oja',
 
   def update(updates, state, params=None, *, taps=None, hebb=None, **extra):
     del extra
-    if params is None:
-      raise ValueError('ghl needs params (for the Oja decay): call tx.update(grads, state, params, taps=...).')
     if hebb is None:
       if taps is None:
-        raise ValueError('ghl needs taps=ghl_jax.tap(apply)(...)[1] or hebb=hebbian_terms(...) in tx.update.')
-      hebb = hebbian_terms(params, taps, rule=rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
+        raise ValueError('ghl needs hebb= (from ghl_jax.value_and_grad) or taps= (from ghl_jax.tap) '
+                         'in tx.update(grads, state, params, hebb=...).')
+      if params is None:
+        raise ValueError('ghl needs params (for the Oja decay): call tx.update(grads, state, params, taps=...).')
+      hebb = hebbian_terms(params, taps, rule=rule)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
     flat = flax.traverse_util.flatten_dict(_as_dict(updates), sep='/', keep_empty_nodes=True)

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q -e . "jax[cuda12]"
+  .venv/bin/pip install -q -e ".[train]" "jax[cuda12]"
 fi
 source .venv/bin/activate
 if [ -n "${SLURM_PROCID:-}" ] && [ -z "${JAX_PROCESS_ID:-}" ] && [ -n "${JAX_COORDINATOR_ADDRESS:-}" ]; then

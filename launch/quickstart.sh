@@ -13,7 +13,7 @@ export TFDS_DATA_DIR="$DATA_DIR"
 mkdir -p "$WORKDIR"
 
 # Fashion-MNIST: already imported, else tfds download when online, else Debian's package.
-if ! python -m ghl_jax.data.offline fashion_mnist --data_dir "$DATA_DIR" --check 2>/dev/null; then
+if ! python -m ghl_jax.train.data.offline fashion_mnist --data_dir "$DATA_DIR" --check 2>/dev/null; then
   if python -c "import urllib.request; urllib.request.urlopen('https://storage.googleapis.com', timeout=5)" 2>/dev/null \
      && python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()"; then
     echo "[quickstart] Fashion-MNIST downloaded by tfds into $DATA_DIR"
@@ -27,7 +27,7 @@ if ! python -m ghl_jax.data.offline fashion_mnist --data_dir "$DATA_DIR" --check
       echo "[quickstart] Fashion-MNIST is not available offline: install Debian's package (sudo apt-get install dataset-fashion-mnist) or go online." >&2
       exit 1
     fi
-    python -m ghl_jax.data.offline fashion_mnist --source /usr/share/datasets/fashion-mnist --data_dir "$DATA_DIR"
+    python -m ghl_jax.train.data.offline fashion_mnist --source /usr/share/datasets/fashion-mnist --data_dir "$DATA_DIR"
   fi
 fi
 
@@ -39,7 +39,7 @@ done
 
 python - "$WORKDIR" <<'PY'
 import sys
-from ghl_jax import metrics, plots
+from ghl_jax.train import metrics, plots
 workdir = sys.argv[1]
 runs = {'GHL': f'{workdir}/ghl', 'BP': f'{workdir}/bp'}
 print('\n| method | test top-1 (%) | test top-5 (%) |\n|---|---|---|')

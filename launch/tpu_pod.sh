@@ -16,7 +16,7 @@ case "$cmd" in
       --accelerator-type "${ACCELERATOR:?set ACCELERATOR, e.g. v4-32}" --version "${TPU_VERSION:-tpu-ubuntu2204-base}";;
   install)
     ssh_all "git clone $REPO ghl_jax 2>/dev/null || git -C ghl_jax pull; cd ghl_jax && python3 -m venv .venv && \
-      .venv/bin/pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
+      .venv/bin/pip install -q -e '.[train]' 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
   run)
     args=$(printf ' %q' "$@")
     ssh_all "cd ghl_jax && GHL_MULTIHOST=1 .venv/bin/python -m experiments.main$args";;

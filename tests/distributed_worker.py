@@ -14,7 +14,7 @@ def main(process_id, num_processes, port, workdir, config_json):
     os.environ.update({'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': num_processes,
                        'JAX_PROCESS_ID': process_id})
   from experiments.configs import common  # pylint: disable=import-outside-toplevel
-  from ghl_jax import distributed, train  # pylint: disable=import-outside-toplevel
+  from ghl_jax.train import distributed; from ghl_jax import train  # pylint: disable=import-outside-toplevel
   distributed.initialize()
   config = common.base()
   config.update_from_flattened_dict(json.loads(config_json))

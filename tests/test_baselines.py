@@ -24,8 +24,8 @@ import pytest
 import ghl_jax
 from ghl_jax import hebbian
 from ghl_jax import models
-from ghl_jax import steps as steps_lib
-from ghl_jax import validate
+from ghl_jax.train import steps as steps_lib
+from ghl_jax.train import validate
 import numpy_reference as ref
 
 from experiments.configs import baselines
@@ -123,7 +123,7 @@ def test_probe_step_trains_only_the_head(name, trainable):
   tx = hebbian.probe_only(optax.sgd(0.1), trainable)
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'], 'batch_stats': batch_stats,
            'opt_state': tx.init(variables['params']), 'rng': jax.random.key(2)}
-  step = jax.jit(steps_lib.make_train_step(model, tx, ghl_kwargs=None, trainable=trainable))
+  step = jax.jit(steps_lib.make_train_step(model, tx, rule=None, trainable=trainable))
   new, _ = step(state, {'image': x, 'label': labels})
   for group in ('params', 'batch_stats'):
     before, after = _flat(state[group]), _flat(new[group])
@@ -197,7 +197,7 @@ def _params_at(workdir, step=None):
 
 
 def test_train_and_evaluate_two_phases_and_resume(tiny_tfds, tmp_path):
-  from ghl_jax import metrics, train  # pylint: disable=import-outside-toplevel
+  from ghl_jax.train import metrics; from ghl_jax import train  # pylint: disable=import-outside-toplevel
   config = _tiny_config(tiny_tfds)
   full = str(tmp_path / 'full')
   final = train.train_and_evaluate(config, full)

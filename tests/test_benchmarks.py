@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the benchmarks/ scripts
 from benchmarks import accelerator, input_rate, memory, step_time  # noqa: E402
-from ghl_jax import data as data_lib  # noqa: E402
+from ghl_jax.train import data as data_lib  # noqa: E402
 from ghl_jax import models  # noqa: E402
 
 

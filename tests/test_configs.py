@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ghl_jax import models
-from ghl_jax import validate
+from ghl_jax.train import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'experiments', 'configs', '*.py'))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ghl_jax import data
-from ghl_jax.data import offline
+from ghl_jax.train import data
+from ghl_jax.train.data import offline
 
 BATCH = 16  # 96 train examples -> 6 steps per epoch
 
@@ -249,7 +249,7 @@ def test_missing_dataset_names_the_import_command(tmp_path):
     data.ensure_available(cfg)
   message = str(missing.value)
   assert isinstance(missing.value, ValueError) and '\n' not in message
-  assert 'python -m ghl_jax.data.offline cifar10 --source ' in message
+  assert 'python -m ghl_jax.train.data.offline cifar10 --source ' in message
   assert f'--data_dir {tmp_path}' in message and 'download=True' in message
   with pytest.raises(data.DatasetMissingError, match='not in'):
     data.info(cfg)

@@ -16,11 +16,12 @@ import chex
 import numpy as np
 import pytest
 
-from ghl_jax import data as data_lib
-from ghl_jax import metrics as metrics_lib
-from ghl_jax import plots
+from ghl_jax.train import data as data_lib
+from ghl_jax.train import metrics as metrics_lib
+from ghl_jax.train import plots
 from ghl_jax import train
-from ghl_jax.validate import ConfigError
+from ghl_jax.train import methods
+from ghl_jax.train.validate import ConfigError
 from test_train import CACHE, REPO, tiny_config
 
 STEPS = 8
@@ -213,7 +214,7 @@ def test_foreign_workdir_is_refused_unless_forced(tiny_tfds, reference, tmp_path
 HOSTILE = [
     ({'model.name': 'resnet7'}, 'Unknown model'),
     ({'data.name': 'no_such_dataset'}, 'no_such_dataset is not in'),
-    ({'data.name': 'cifar10', 'data.data_dir': '/nonexistent/tfds'}, 'python -m ghl_jax.data.offline'),
+    ({'data.name': 'cifar10', 'data.data_dir': '/nonexistent/tfds'}, 'python -m ghl_jax.train.data.offline'),
     ({'optimizer.name': 'lion'}, 'Unknown optimizer'),
     ({'method': 'magic'}, 'Unknown method'),
     ({'ghl.rule': 'bcm'}, 'Unknown Hebbian rule'),
@@ -247,7 +248,7 @@ HOSTILE = [
 def test_hostile_config_fails_before_training(tiny_tfds, reference, tmp_path, monkeypatch, override, message):
   workdir = copy_of(reference, tmp_path)
   before = checkpoint_digest(workdir)
-  monkeypatch.setattr(train.steps_lib, 'make_train_step',
+  monkeypatch.setattr(methods.steps_lib, 'make_train_step',
                       lambda *a, **k: pytest.fail('a train step was built for a bad config'))
   config = tiny_config(*tiny_tfds, num_train_steps=STEPS + 4)
   with config.unlocked():

@@ -1,4 +1,4 @@
-"""models.pooling.max_pool against a plain-numpy max pool and its first-maximum gradient."""
+"""kernels.pooling.max_pool against a plain-numpy max pool and its first-maximum gradient."""
 import itertools
 
 import flax.linen as nn
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ghl_jax.models.pooling import max_pool
+from ghl_jax.kernels.pooling import max_pool
 
 # name -> (input shape, window, strides, padding)
 CASES = {

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import common
-from ghl_jax import data as data_lib
-from ghl_jax import plots
+from ghl_jax.train import data as data_lib
+from ghl_jax.train import plots
 from ghl_jax import train
-from ghl_jax.validate import ConfigError
+from ghl_jax.train.validate import ConfigError
 
 CACHE = os.path.join(tempfile.gettempdir(), 'ghl_jax_test_xla_cache')   # shared by tests and workers
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_bp_and_accumulation_run(tiny_tfds, tmp_path):
     ({'model.name': 'resnet7'}, 'Unknown model'),
     ({'batch_size': 12}, 'not divisible by the 8 devices'),
     ({'data.name': 'no_such_dataset'}, 'config.data.download=True'),
-    ({'data.name': 'cifar10', 'data.data_dir': '/nonexistent/tfds'}, 'python -m ghl_jax.data.offline cifar10'),
+    ({'data.name': 'cifar10', 'data.data_dir': '/nonexistent/tfds'}, 'python -m ghl_jax.train.data.offline cifar10'),
 ])
 def test_bad_input_one_clear_line(tiny_tfds, tmp_path, override, message):
   with pytest.raises((ConfigError, data_lib.DatasetMissingError)) as error:

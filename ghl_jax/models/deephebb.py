@@ -10,15 +10,14 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ghl_jax.models.layers import batch_norm, he_normal, scaled, torch_bias, torch_kernel
-from ghl_jax.models.pooling import max_pool
+from ghl_jax.models.layers import MaxPool, batch_norm, he_normal, scaled, torch_bias, torch_kernel
 
 CHANNELS = (96, 384, 1536)
 KERNELS = (5, 3, 3)
 
 
 def _max_pool(x):
-  return max_pool(x, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))   # = nn.max_pool, faster grad
+  return MaxPool((4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))(x)
 
 
 def _avg_pool(x):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ghl_jax.models.layers import batch_norm, he_normal, scaled, torch_dense
+from ghl_jax.models.layers import MaxPool, batch_norm, he_normal, scaled, torch_dense
 
 CHANNELS = (96, 128, 192, 256)
 KERNELS = (5, 3, 3, 3)
@@ -37,7 +37,7 @@ class FastHebb(nn.Module):
                   kernel_init=he_normal, dtype=self.dtype, name=f'conv{i}')(x)
       x = nn.relu(x)
       if pooled:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = MaxPool((2, 2), strides=(2, 2))(x)
       x = batch_norm(train, affine=False, dtype=self.dtype, name=f'bn{i}')(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(torch_dense(scaled(self.width, HIDDEN), x.shape[-1], dtype=self.dtype, name='fc5')(x))

@@ -87,3 +87,14 @@ def run_repeated(block: type, length: int, x: jax.Array, *, remat: bool = False,
   if length == 0:
     return x
   return repeated(block, length, remat=remat)(name=name, **fields).scan_step(x, None)[0]
+
+
+class MaxPool(nn.Module):
+  """``nn.max_pool(x, window_shape, strides, padding)`` as a module (no variables), so a faster
+  kernel can be swapped in from outside (:mod:`ghl_jax.accel`) without touching the model."""
+  window_shape: tuple
+  strides: tuple | None = None
+  padding: str | tuple = 'VALID'
+
+  def __call__(self, x):
+    return nn.max_pool(x, self.window_shape, self.strides, self.padding)

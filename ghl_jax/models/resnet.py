@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghl_jax.models.layers import Repeatable, batch_norm, he_normal_fan_out, scaled, torch_dense
+from ghl_jax.models.layers import MaxPool, Repeatable, batch_norm, he_normal_fan_out, scaled, torch_dense
 
 SHORTCUTS = ('A', 'B')
 
@@ -110,7 +110,7 @@ class ResNet(nn.Module):
     x = conv(scaled(self.width, 64), stem_kernel, stem_strides, dtype=self.dtype, name='stem_conv')(x)
     x = nn.relu(batch_norm(train, dtype=self.dtype, name='stem_bn')(x))
     if not self.small_input:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = MaxPool((3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))(x)
     for s, blocks in enumerate(self.stage_sizes):
       for b in range(blocks):
         x = self.block(scaled(self.width, 64 * 2**s), strides=2 if s > 0 and b == 0 else 1, train=train,

@@ -16,7 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ghl_jax.models.layers import adaptive_avg_pool, batch_norm, he_normal_fan_out, scaled
+from ghl_jax.models.layers import MaxPool, adaptive_avg_pool, batch_norm, he_normal_fan_out, scaled
 
 STAGES_D = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 HIDDEN = 4096
@@ -44,7 +44,7 @@ class VGG(nn.Module):
         if self.batch_norm:
           x = batch_norm(train, dtype=self.dtype, name=f'bn{s}_{i}')(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = MaxPool((2, 2), strides=(2, 2))(x)
     x = adaptive_avg_pool(x, POOLED_SIZE).reshape(x.shape[0], -1)
     for name in ('fc1', 'fc2'):
       x = nn.Dense(scaled(self.width, HIDDEN), kernel_init=linear_normal, dtype=self.dtype, name=name)(x)

@@ -6,6 +6,7 @@ import os
 from ghl_jax import models
 from ghl_jax import rules
 from ghl_jax import transform
+from ghl_jax.rule import Rule
 
 METHODS = ('ghl', 'bp', 'hebbian')
 OPTIMIZERS = ('paper_sgd', 'momentum_sgd', 'adam')
@@ -72,6 +73,22 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
       raise ConfigError(f'config.ghl.direction must be one of {transform.DIRECTIONS}, got {config.ghl.direction!r}.')
     if config.ghl.magnitude not in transform.MAGNITUDES:
       raise ConfigError(f'config.ghl.magnitude must be one of {transform.MAGNITUDES}, got {config.ghl.magnitude!r}.')
+    rule_of(config, 'ghl')
+
+
+def rule_of(config, section: str = 'ghl') -> Rule:
+  """The :class:`ghl_jax.Rule` of ``config.ghl`` (or ``config.hebbian``): the one source of the
+  rule's settings for the optimizer, the train step and the baselines."""
+  settings = config[section]
+  try:
+    return Rule(settings.rule, t_inv=plain(settings.t_inv), layers=settings.layers, **dict(settings.rule_kwargs))
+  except ValueError as error:
+    raise ConfigError(f'config.{section}: {error}') from None
+
+
+def plain(value):
+  """A float, or a per-layer ConfigDict as a plain dict."""
+  return dict(value) if hasattr(value, 'items') else value
 
 
 def _validate_hebbian(config, device_count: int) -> None:
@@ -83,6 +100,7 @@ def _validate_hebbian(config, device_count: int) -> None:
     for value in _t_inv_values(h[field]):
       if not (isinstance(value, (int, float)) and value > 0):
         raise ConfigError(f'config.hebbian.{field} values must be > 0, got {value!r}.')
+  rule_of(config, 'hebbian')
   if h.norm_power is not None and not h.norm_power >= 0:
     raise ConfigError(f'config.hebbian.norm_power must be >= 0 or None, got {h.norm_power!r}.')
   if h.num_steps < 0 and not h.epochs > 0:

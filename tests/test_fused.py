@@ -1,4 +1,4 @@
-"""fast_conv: the GEMM backward pass and the fused Hebbian terms against plain-numpy references.
+"""The fused path (ghl_jax.value_and_grad) and its CPU kernels against plain-numpy references.
 
 The reference builds the patches with the explicit loops of ``numpy_reference.im2col`` and
 scatters ``δ Wᵀ`` back by the same loops, in float64; the Hebbian terms come from the
@@ -13,11 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax import lax
 
 import ghl_jax
-from ghl_jax import fast_conv, host_memory, models, optim, steps
+from ghl_jax import accel, fused, kernels, models, optim
+from ghl_jax.kernels import host_memory
+from ghl_jax.train import steps
 from ghl_jax.models.layers import Repeatable, run_repeated
 import numpy_reference as ref
 
@@ -106,10 +109,10 @@ class GemmConvTest(chex.TestCase):
   def test_forward_and_grads_match_numpy_and_xla(self, name):
     x, w = _operands(name)
     kwargs = _conv_kwargs(name)
-    self.assertIsNotNone(fast_conv.geometry_of(x.shape, w.shape, kwargs['window_strides'],
+    self.assertIsNotNone(kernels.conv.geometry_of(x.shape, w.shape, kwargs['window_strides'],
                                                kwargs['padding'], None, kwargs['rhs_dilation'],
                                                kwargs['dimension_numbers'], kwargs['feature_group_count']))
-    fast = lambda x, w: fast_conv.conv_general_dilated(x, w, **kwargs)
+    fast = lambda x, w: kernels.conv.conv_general_dilated(x, w, **kwargs)
     xla = lambda x, w: lax.conv_general_dilated(x, w, precision=lax.Precision.HIGHEST, **kwargs)
     u = jax.jit(fast)(x, w)
     cotangent = jax.random.normal(jax.random.key(7), u.shape)
@@ -125,7 +128,7 @@ class GemmConvTest(chex.TestCase):
   def test_backward_pass_has_no_convolution(self):
     x, w = _operands('stride2_same')
     kwargs = _conv_kwargs('stride2_same')
-    grad = jax.grad(lambda x, w: fast_conv.conv_general_dilated(x, w, **kwargs).sum(), argnums=(0, 1))
+    grad = jax.grad(lambda x, w: kernels.conv.conv_general_dilated(x, w, **kwargs).sum(), argnums=(0, 1))
     hlo = jax.jit(grad).lower(x, w).as_text()
     self.assertNotIn('convolution', hlo)
     self.assertIn('dot_general', hlo)
@@ -133,16 +136,16 @@ class GemmConvTest(chex.TestCase):
   def test_input_dilation_falls_back_to_xla(self):
     x, w = _operands('same')
     kwargs = dict(_conv_kwargs('same'), padding=((1, 1), (1, 1)), lhs_dilation=(2, 2))
-    self.assertIsNone(fast_conv.geometry_of(x.shape, w.shape, kwargs['window_strides'], kwargs['padding'],
+    self.assertIsNone(kernels.conv.geometry_of(x.shape, w.shape, kwargs['window_strides'], kwargs['padding'],
                                             (2, 2), None, kwargs['dimension_numbers']))
-    fast = lambda x, w: fast_conv.conv_general_dilated(x, w, **kwargs).sum()
+    fast = lambda x, w: kernels.conv.conv_general_dilated(x, w, **kwargs).sum()
     xla = lambda x, w: lax.conv_general_dilated(x, w, **kwargs).sum()
     chex.assert_trees_all_close(jax.grad(fast, (0, 1))(x, w), jax.grad(xla, (0, 1))(x, w), rtol=1e-5)
 
   def test_bfloat16_keeps_dtypes_and_values(self):
     x, w = _operands('groups', jnp.bfloat16)
     kwargs = _conv_kwargs('groups')
-    fast = lambda x, w: fast_conv.conv_general_dilated(x, w, **kwargs)
+    fast = lambda x, w: kernels.conv.conv_general_dilated(x, w, **kwargs)
     u, pullback = jax.vjp(fast, x, w)
     cotangent = jax.random.normal(jax.random.key(7), u.shape).astype(jnp.bfloat16)
     dx, dw = pullback(cotangent)
@@ -184,13 +187,13 @@ def _module_case(name):
 
 def _fused_grads(module, x, params, rule, hyper, cotangent, impl='gemm', forward=False):
   """``(kernel grad, raw Hebbian term)`` of ``Σ cotangent · module(x)`` under the fused path."""
-  settings = fast_conv.HebbianRule(rule, hyper.pop('t_inv', 1.0), hyper)
-  probed = fast_conv.add_probes(params, ['kernel'], forward=['kernel'] if forward else ())
+  settings = ghl_jax.Rule(rule, t_inv=hyper.pop('t_inv', 1.0), **hyper)
+  probed = fused.add_probes(params, ['kernel'], forward=['kernel'] if forward else ())
 
   def loss(p):
-    with fast_conv.use(impl, settings):
+    with fused.use(settings, impl):
       return jnp.sum(module.apply({'params': p}, x) * cotangent)
-  grads, terms = fast_conv.pop_probes(jax.jit(jax.grad(loss))(probed))
+  grads, terms = fused.pop_probes(jax.jit(jax.grad(loss))(probed))
   return grads['kernel'], terms['kernel']
 
 
@@ -238,34 +241,34 @@ class FusedHebbianTest(chex.TestCase):
     loss = lambda p: module.apply({'params': p}, x).sum()
     convs = {}
     for impl in ('gemm', 'xla'):
-      with fast_conv.use(impl):
+      with accel.use(impl):
         convs[impl] = str(jax.make_jaxpr(jax.grad(loss))(params)).count('conv_general_dilated[')
     self.assertEqual(convs, {'gemm': 1, 'xla': 2})         # 'gemm': only the forward conv
 
   def test_custom_conv_hook_with_probe_raises(self):
     module = nn.Conv(3, (3, 3), conv_general_dilated=lax.conv_general_dilated)
     x = jnp.ones((1, 5, 5, 2))
-    params = fast_conv.add_probes(module.init(jax.random.key(0), x)['params'], ['kernel'])
+    params = fused.add_probes(module.init(jax.random.key(0), x)['params'], ['kernel'])
     with pytest.raises(ValueError, match='own conv_general_dilated'):
-      with fast_conv.use('gemm', fast_conv.HebbianRule()):
+      with fused.use(ghl_jax.Rule(), 'gemm'):
         module.apply({'params': params}, x)
 
   def test_probes_round_trip(self):
     params = {'a': {'kernel': jnp.ones((3, 3, 2, 4)), 'bias': jnp.ones(4)},
               'b': {'kernel': jnp.ones((2, 3, 3, 4, 4))}, 'c': {'kernel': jnp.ones((4, 2))}}
-    probed = fast_conv.probed_params(params, {'a/kernel': 0, 'b/kernel': 1})
-    self.assertEqual(probed['a'][fast_conv.PROBE].shape, (3, 3, 2, 4))
-    self.assertEqual(probed['b'][fast_conv.PROBE_FORWARD].shape, (2, 3, 3, 4, 4))
-    rest, terms = fast_conv.pop_probes(probed)
+    probed = fused.add_probes(params, ['a/kernel', 'b/kernel'], forward=['b/kernel'])
+    self.assertEqual(probed['a'][fused.PROBE].shape, (3, 3, 2, 4))
+    self.assertEqual(probed['b'][fused.PROBE_FORWARD].shape, (2, 3, 3, 4, 4))
+    rest, terms = fused.pop_probes(probed)
     chex.assert_trees_all_equal(rest, params)
     self.assertEqual(sorted(terms), ['a/kernel', 'b/kernel'])
 
 
 def test_resolve():
-  assert fast_conv.resolve('auto') == 'gemm'          # tests run on CPU
-  assert fast_conv.resolve('xla') == 'xla'
+  assert accel.resolve('auto') == 'gemm'          # tests run on CPU
+  assert accel.resolve('xla') == 'xla'
   with pytest.raises(ValueError, match='conv_impl must be one of'):
-    fast_conv.resolve('cudnn')
+    accel.resolve('cudnn')
 
 
 def test_keep_freed_memory_toggles():
@@ -276,18 +279,55 @@ def test_keep_freed_memory_toggles():
 # ------------------------------------------------------------------------------------------------
 # Train steps: 'gemm' (fused Hebbian terms) gives the parameters 'xla' (taps + conv vjp) gives.
 
-def _run_steps(model, ghl_kwargs, accum_steps, size, **step_kwargs):
+def _reference_step(model, tx, rule, accum_steps):
+  """The taps path, written out: XLA's convolutions, ``jax.value_and_grad`` of the tapped model,
+  every Hebbian term from the taps after the gradient (``ghl_jax.hebbian_terms``)."""
+  apply = ghl_jax.tap(model.apply)
+
+  def step(state, batch):
+    params = state['params']
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    micro = jax.tree.map(lambda a: a.reshape((accum_steps, -1) + a.shape[1:]), batch)
+    batch_stats, grads, hebb = state['batch_stats'], None, None
+    for i in range(accum_steps):
+      def loss_fn(p):
+        (logits, new_state), taps = apply({'params': p, 'batch_stats': batch_stats}, micro['image'][i],
+                                          train=True, mutable=['batch_stats'],
+                                          rngs={'dropout': jax.random.fold_in(rng, i)})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, micro['label'][i]).mean()
+        return loss, (new_state, taps)
+      (_, (new_state, taps)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      batch_stats = new_state['batch_stats']
+      h = ghl_jax.hebbian_terms(params, taps, rule=rule) if rule is not None else {}
+      grads, hebb = (g, h) if i == 0 else (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, hebb, h))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params,
+                                   **({'hebb': hebb} if rule is not None else {}))
+    new = dict(state, step=state['step'] + 1, params=optax.apply_updates(params, updates),
+               batch_stats=batch_stats, opt_state=opt_state)
+    return new, {'stats': steps.hebbian_stats(hebb, grads)}
+  return step
+
+
+def _run_steps(model, ghl_kwargs, accum_steps, size, conv_impl=None):
+  """One train step of the trainer on ``conv_impl`` (``None``: the taps reference)."""
   batch = {'image': jax.random.normal(jax.random.key(2), (4, size, size, 3)), 'label': jnp.arange(4) % 10}
   variables = model.init(jax.random.key(0), batch['image'][:1], train=False)
-  t_inv = (ghl_kwargs or {}).get('t_inv', 1.0)
-  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10,
-                       use_ghl=ghl_kwargs is not None, t_inv=t_inv)
+  rule = None
+  if ghl_kwargs is not None:
+    settings = dict(ghl_kwargs)
+    rule = ghl_jax.Rule(settings.pop('rule'), **settings)
+  tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10, use_ghl=rule is not None,
+                       rule=rule)
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(variables['params']),
            'rng': jax.random.key(1)}
-  step = jax.jit(steps.make_train_step(model, tx, ghl_kwargs=ghl_kwargs, accum_steps=accum_steps,
-                                       **step_kwargs))
-  return step(state, batch)
+  if conv_impl is None:
+    step = _reference_step(model, tx, rule, accum_steps)
+  else:
+    step = steps.make_train_step(model, tx, rule=rule, accum_steps=accum_steps, conv_impl=conv_impl)
+  state, metrics = jax.jit(step)(state, batch)
+  return state, metrics['stats']
 
 
 class _Block(Repeatable):
@@ -317,22 +357,19 @@ STEP_CASES = {
                                {'rule': 'softmax_oja', 't_inv': 0.5, 'layers': 'conv|classifier'}, 1, 16),
     'scanned_blocks_ghl': (lambda: ScannedConvs(), {'rule': 'hpca'}, 1, 8),
 }
-# The reference: XLA's convolutions, every Hebbian term from taps after the gradient.
-REFERENCE = {'conv_impl': 'xla', 'fuse_hebbian': False}
-FUSED = {'gemm': {'conv_impl': 'gemm'}, 'xla': {'conv_impl': 'xla'}}
 
 
 @pytest.mark.parametrize('case', sorted(STEP_CASES))
 def test_fused_train_step_matches_taps_reference(case):
   """'gemm' and 'xla' with fused Hebbian terms give the parameters of the taps path."""
   make, ghl_kwargs, accum_steps, size = STEP_CASES[case]
-  ref_state, ref_metrics = _run_steps(make(), ghl_kwargs, accum_steps, size, **REFERENCE)
+  ref_state, ref_metrics = _run_steps(make(), ghl_kwargs, accum_steps, size)
   hebb_keys = sorted(k for k in ref_metrics if k.startswith('hebb/'))
   if ghl_kwargs and 'layers' in ghl_kwargs:
     assert any('classifier' in k for k in hebb_keys)
   impls = ('gemm',) if case == 'deephebb_ghl_dense_too' else ('gemm', 'xla')
   for impl in impls:
-    state, metrics = _run_steps(make(), ghl_kwargs, accum_steps, size, **FUSED[impl])
+    state, metrics = _run_steps(make(), ghl_kwargs, accum_steps, size, conv_impl=impl)
     chex.assert_trees_all_close(state['params'], ref_state['params'], atol=2e-6)
     chex.assert_trees_all_close(state['batch_stats'], ref_state['batch_stats'], rtol=1e-5, atol=1e-6)
     assert hebb_keys == sorted(k for k in metrics if k.startswith('hebb/'))

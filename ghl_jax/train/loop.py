@@ -1,7 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the one training loop of ghl_jax.
 
 One code path from a laptop to a pod: a ``Mesh`` over all devices with the batch sharded and
-the state replicated; one jitted, donated train step (:mod:`ghl_jax.steps`); eval with
+the state replicated; the method's phases (:mod:`ghl_jax.train.methods`), each a jitted, donated step; eval with
 top-1/top-5; orbax checkpoints that always resume from the workdir (the data position is the
 step: batches are a pure function of (seed, step)); metrics to JSONL and TensorBoard; a progress
 line with images/s and ETA; fail-fast on NaN/Inf naming the step and the first bad layer.
@@ -17,21 +17,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ghl_jax import data as data_lib
-from ghl_jax import fast_conv
-from ghl_jax import hebbian as hebbian_lib
-from ghl_jax import host_memory
+from ghl_jax import accel
 from ghl_jax import models
-from ghl_jax import optim
-from ghl_jax import steps as steps_lib
-from ghl_jax import transform
-from ghl_jax import validate
-from ghl_jax.checkpoint import Checkpointer, check_workdir_identity
-from ghl_jax.metrics import MetricWriter, Progress
-from ghl_jax.tap import tap
+from ghl_jax.train import data as data_lib
+from ghl_jax.train import methods
+from ghl_jax.train import steps as steps_lib
+from ghl_jax.train import validate
+from ghl_jax.train.checkpoint import Checkpointer, check_workdir_identity
+from ghl_jax.train.metrics import MetricWriter, Progress
 
 
 class NumericalError(FloatingPointError):
@@ -86,75 +81,6 @@ def build_model(config, num_classes: int):
     raise validate.ConfigError(f'config.model.kwargs does not fit {config.model.name}: {error}') from None
 
 
-def _plain(value):
-  """A float, or a per-layer ConfigDict as a plain dict."""
-  return dict(value) if hasattr(value, 'items') else value
-
-
-def ghl_kwargs(config, kernels, section: str = 'ghl') -> dict:
-  """Arguments of :func:`ghl_jax.hebbian_terms` for this run (rule settings of ``config.ghl``,
-  or of ``config.hebbian`` with ``section='hebbian'``)."""
-  rule = config[section]
-  return {'rule': rule.rule, 't_inv': _plain(rule.t_inv), 'layers': tuple(kernels),
-          'rule_kwargs': dict(rule.rule_kwargs)}
-
-
-def ghl_kernels(model, sample, layers) -> tuple[str, ...]:
-  """Kernel paths GHL governs, found by tracing the model once (no compute)."""
-  def traced():
-    variables = model.init(jax.random.key(0), sample, train=False)
-    return tap(model.apply)(variables, sample, train=False)[1]
-  try:
-    return tuple(transform.selected_layers(jax.eval_shape(traced), layers))
-  except ValueError as error:
-    raise validate.ConfigError(f'config.ghl.layers: {error}') from None
-
-
-def base_optimizer(o, total: int):
-  """The backprop optimizer ``config.optimizer`` names (momentum SGD or Adam) over ``total`` steps."""
-  if o.name == 'momentum_sgd':
-    return optim.momentum_sgd(lr=o.lr, total_steps=total, momentum=o.momentum,
-                              weight_decay=o.weight_decay, nesterov=o.nesterov, warmup_steps=o.warmup_steps)
-  return optim.adam(lr=o.lr, total_steps=total, weight_decay=o.weight_decay)
-
-
-def make_hebbian_optimizer(config, total: int, kernels, first: int):
-  """``(tx, lr_fns)`` of method 'hebbian': Hebbian ascent on ``kernels`` for the first ``first``
-  steps, then ``config.optimizer`` on the params matching ``config.hebbian.trainable`` (the
-  probe; the rest frozen) for the remaining ``total - first`` steps."""
-  h, o = config.hebbian, config.optimizer
-  probe_steps = total - first
-  if h.probe_schedule == 'halving':
-    probe = hebbian_lib.halving_adam(lr=o.lr, total_steps=probe_steps, weight_decay=o.weight_decay)
-    schedule = hebbian_lib.halving_schedule(o.lr, probe_steps)
-  else:
-    probe, schedule = base_optimizer(o, probe_steps), optim.cosine(o.lr, probe_steps)
-  ascent = hebbian_lib.hebbian_ascent(
-      _plain(h.lr), layers=tuple(kernels), rule=h.rule, t_inv=_plain(h.t_inv),
-      rule_kwargs=dict(h.rule_kwargs), norm_power=h.norm_power)
-  tx = hebbian_lib.two_phase(ascent, hebbian_lib.probe_only(probe, h.trainable))
-  return tx, {'probe': lambda step: schedule(step - first)}
-
-
-def make_optimizer(config, total: int, kernels, first: int = 0):
-  """``(tx, lr_fns)``: the configured optimizer (with GHL on ``kernels`` when method='ghl'; the
-  two phases of :func:`make_hebbian_optimizer` when method='hebbian')."""
-  if config.method == 'hebbian':
-    return make_hebbian_optimizer(config, total, kernels, first)
-  o = config.optimizer
-  use_ghl = config.method == 'ghl'
-  ghl_args = dict(t_inv=ghl_kwargs(config, kernels)['t_inv'], rule=config.ghl.rule,
-                  rule_kwargs=dict(config.ghl.rule_kwargs), direction=config.ghl.direction,
-                  magnitude=config.ghl.magnitude)
-  if o.name == 'paper_sgd':
-    tx = optim.paper_sgd(lr=o.lr, lr_conv=o.lr_conv, wd_conv=o.wd_conv, total_steps=total,
-                         kernels=kernels, use_ghl=use_ghl, **ghl_args)
-    return tx, {'ghl': optim.cosine(o.lr_conv, total), 'other': optim.cosine(o.lr, total)}
-  base = base_optimizer(o, total)
-  tx = optax.chain(transform.ghl(layers=kernels, **ghl_args), base) if use_ghl else base
-  return tx, {'all': optim.cosine(o.lr, total)}
-
-
 def check_batch(batch: dict, image_shape) -> None:
   """The first batch has the images the model was built for: shape, float dtype, finite."""
   images = np.asarray(batch['image'])
@@ -167,10 +93,10 @@ def check_batch(batch: dict, image_shape) -> None:
     raise validate.ConfigError('Input images contain NaN or Inf: check the dataset and config.data.normalize.')
 
 
-def _first_fault(metrics: dict) -> str | None:
+def _first_fault(faults: dict) -> str | None:
   """The first non-finite quantity: the loss, else a gradient, else a Hebbian term (by layer path)."""
   rank = {'loss': 0, 'grad': 1, 'hebb': 2}
-  bad = [key[len('finite/'):] for key, ok in metrics.items() if key.startswith('finite/') and not bool(ok)]
+  bad = [key for key, ok in faults.items() if not bool(ok)]
   return min(bad, key=lambda k: (rank.get(k.split('/')[0], 3), k), default=None)
 
 
@@ -223,11 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   enable_compilation_cache(config.get('compilation_cache_dir'))
   conv_impl = config.get('conv_impl', 'auto')
   try:
-    fast_conv.resolve(conv_impl)
+    accel.prepare_host(conv_impl)           # XLA:CPU reuses step buffers instead of re-faulting them
   except ValueError as error:
     raise validate.ConfigError(f'config.{error}') from None
-  if jax.default_backend() == 'cpu':
-    host_memory.keep_freed_memory()        # XLA:CPU reuses step buffers instead of re-faulting them
 
   info = data_lib.info(config.data)
   total, per_epoch = total_steps(config, info.num_train)
@@ -235,11 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = make_mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-
-  rule_section = 'hebbian' if config.method == 'hebbian' else 'ghl'
-  kernels = ghl_kernels(model, sample, config[rule_section].layers)   # bp: paper_sgd's conv group
-  first = hebbian_steps(config, info.num_train)     # unsupervised steps before the probe
-  tx, lr_fns = make_optimizer(config, total, kernels, first)
+  tx, phases = methods.phases(config, model, sample, total, hebbian_steps(config, info.num_train))
 
   def init_state(rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -258,68 +178,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('%s from step %d of %d (%d steps/epoch, %d devices).',
                'Resuming' if start else 'Starting', start, total, per_epoch, jax.device_count())
 
-  method = config.method
-  train_step = jax.jit(
-      steps_lib.make_train_step(model, tx, ghl_kwargs=ghl_kwargs(config, kernels) if method == 'ghl' else None,
-                                accum_steps=config.grad_accum_steps, lr_fns=lr_fns, conv_impl=conv_impl,
-                                trainable=config.hebbian.trainable if method == 'hebbian' else None),
-      donate_argnums=(0,), out_shardings=(replicated, replicated))
-  hebbian_step = jax.jit(
-      steps_lib.make_hebbian_step(model, tx, hebbian_kwargs=ghl_kwargs(config, kernels, 'hebbian')),
-      donate_argnums=(0,), out_shardings=(replicated, replicated)) if first else None
-  eval_step = jax.jit(steps_lib.make_eval_step(model), out_shardings=replicated)
-
+  eval_step = jax.jit(steps_lib.make_eval_step(model, conv_impl), out_shardings=replicated)
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
   writer.rewind(start)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-
-  def phase_batch_size(step):
-    return config.hebbian.batch_size if step < first else config.batch_size
-
-  def batches_from(step):
-    """The batch stream from global ``step``; the probe's stream starts at step ``first``."""
-    return data_lib.train_batches(config.data, batch_size=phase_batch_size(step), seed=config.seed,
-                                  start_step=step if step < first else step - first,
-                                  process_index=jax.process_index(), process_count=jax.process_count())
-
-  progress = Progress(total, phase_batch_size(start), start)
-  batches = batches_from(start)
   preemption = _Preemption()
   final = {}
-  pending = None                                   # (step, metrics) of the step in flight
   try:
-    for step in range(start, total):
-      if step == first and step != start:        # Hebbian phase over: the probe begins
-        batches, progress = batches_from(step), Progress(total, config.batch_size, step)
-      local = next(batches)
-      if step == start:
-        check_batch(local, info.image_shape)
-      batch = jax.make_array_from_process_local_data(batch_sharding, local)
-      state, metrics = (hebbian_step if step < first else train_step)(state, batch)
-      if config.method == 'hebbian':
-        metrics = dict(metrics, phase=1 if step < first else 2)
-      if pending is not None:
-        _report(pending, writer, progress, config)
-      pending = (step + 1, metrics)
-      done = step + 1
-      if (done > first and (done - first) % eval_every == 0) or done == total:
-        _report(pending, writer, progress, config)
-        pending = None
-        final = evaluate(eval_step, state, config, mesh)
-        writer.write(done, final)
-        if is_main:
-          print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
-      if done % config.checkpoint_every_steps == 0 or done == total or preemption.requested:
+    for number, phase in enumerate(phases, 1):
+      if start >= phase.stop:
+        continue
+      first = max(start, phase.start)
+      step_fn = jax.jit(phase.step_fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
+      batches = data_lib.train_batches(config.data, batch_size=phase.batch_size, seed=config.seed,
+                                       start_step=first - phase.start, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+      progress = Progress(total, phase.batch_size, first)
+      tag = {'phase': number} if len(phases) > 1 else {}
+      pending = None                                 # (step, metrics) of the step in flight
+      for step in range(first, phase.stop):
+        local = next(batches)
+        if step == start:
+          check_batch(local, info.image_shape)
+        state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, local))
         if pending is not None:
-          _report(pending, writer, progress, config)
+          _report(pending, writer, progress, config, tag)
+        pending = (step + 1, metrics)
+        done = step + 1
+        evaluate_now = phase.evaluates and ((done - phase.start) % eval_every == 0 or done == phase.stop)
+        save_now = done % config.checkpoint_every_steps == 0 or done == total or preemption.requested
+        if evaluate_now or save_now:
+          _report(pending, writer, progress, config, tag)
           pending = None
-        ckpt.save(done, state, force=True)
-      if preemption.requested:
-        logging.warning('SIGTERM: checkpointed step %d, stopping.', done)
-        break
-    if pending is not None:
-      _report(pending, writer, progress, config)
+        if evaluate_now:
+          final = evaluate(eval_step, state, config, mesh)
+          writer.write(done, final)
+          if is_main:
+            print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
+        if save_now:
+          ckpt.save(done, state, force=True)
+        if preemption.requested:
+          logging.warning('SIGTERM: checkpointed step %d, stopping.', done)
+          return final
+      if pending is not None:
+        _report(pending, writer, progress, config, tag)
   finally:
     ckpt.close()
     writer.close()
@@ -327,15 +230,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return final
 
 
-def _report(pending, writer, progress, config) -> None:
-  """Checks the finished step for NaN/Inf, then logs it (at ``log_every_steps``)."""
+def _report(pending, writer, progress, config, tag: dict) -> None:
+  """Checks the finished step for NaN/Inf (one scalar; the per-leaf flags only on a fault), then
+  logs it at ``log_every_steps``."""
   step, metrics = pending
-  metrics = jax.device_get(metrics)
-  fault = _first_fault(metrics)
-  if fault is not None:
+  if not bool(jax.device_get(metrics['finite'])):
+    fault = _first_fault(jax.device_get(metrics['faults'])) or 'an unknown quantity'
     raise NumericalError(f'Non-finite value at step {step} in {fault}: stopping; the last good '
                          'checkpoint is kept (lower the learning rate or check the inputs).')
   if step % config.log_every_steps == 0:
-    scalars = {k: v for k, v in metrics.items() if not k.startswith('finite/')}
+    scalars = jax.device_get({k: v for k, v in metrics.items() if k not in ('finite', 'faults', 'stats')})
+    scalars = {**tag, **scalars, **jax.device_get(metrics['stats'])}
     writer.write(step, scalars)
     progress.log(step, {k: scalars[k] for k in ('phase', 'loss', 'accuracy') if k in scalars})

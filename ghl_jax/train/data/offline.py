@@ -2,10 +2,10 @@
 
 The records are written under the registered tfds name and version, with the registered
 builder's features and split names, so ``tfds.load(name, data_dir=D, download=False)`` and
-:mod:`ghl_jax.data.pipeline` read them exactly like downloaded data::
+:mod:`ghl_jax.train.data.pipeline` read them exactly like downloaded data::
 
-    python -m ghl_jax.data.offline cifar10 --source /path/to/cifar10_npz --data_dir ~/tensorflow_datasets
-    python -m ghl_jax.data.offline fashion_mnist --data_dir ~/tensorflow_datasets
+    python -m ghl_jax.train.data.offline cifar10 --source /path/to/cifar10_npz --data_dir ~/tensorflow_datasets
+    python -m ghl_jax.train.data.offline fashion_mnist --data_dir ~/tensorflow_datasets
 
 Sources: ``cifar10`` reads ``train-*-of-*.npz`` shards (concatenated in shard order) and
 ``test.npz``, each with ``image`` uint8 [N,32,32,3] and ``label`` int [N]; ``mnist`` and
@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ghl_jax.data.pipeline import default_data_dir
+from ghl_jax.train.data.pipeline import default_data_dir
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
@@ -106,7 +106,7 @@ IMPORTERS = {
 def import_command(name: str, data_dir: str) -> str:
   """The shell command that imports ``name`` into ``data_dir``."""
   source = IMPORTERS[name].default_source or 'DIR'
-  return f'python -m ghl_jax.data.offline {name} --source {source} --data_dir {data_dir}'
+  return f'python -m ghl_jax.train.data.offline {name} --source {source} --data_dir {data_dir}'
 
 
 def _examples(split: str, images: np.ndarray, labels: np.ndarray, with_id: bool) -> Iterator:
@@ -177,7 +177,7 @@ def is_imported(name: str, data_dir: Optional[str] = None) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m ghl_jax.data.offline',
+      prog='python -m ghl_jax.train.data.offline',
       description='Import a local dataset copy into a tfds data_dir under its registered tfds name.')
   parser.add_argument('dataset', choices=sorted(IMPORTERS))
   parser.add_argument('--source', default=None, help='folder with the local copy (default: per dataset)')

@@ -14,7 +14,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from ghl_jax.validate import ConfigError
+from ghl_jax.train.validate import ConfigError
 
 IDENTITY_FIELDS = ('model.name', 'data.name')
 

@@ -86,7 +86,7 @@ def _eval_split(cfg) -> str:
 
 
 def _missing_message(cfg, data_dir: str) -> str:
-  from ghl_jax.data import offline  # here, not at the top: offline.py also runs as __main__
+  from ghl_jax.train.data import offline  # here, not at the top: offline.py also runs as __main__
   name = _base_name(cfg)
   if name in offline.IMPORTERS:
     return (f'{name} is not in {data_dir} (offline): run `{offline.import_command(name, data_dir)}`, '

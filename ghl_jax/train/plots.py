@@ -1,7 +1,7 @@
 """Plots: training curves of runs side by side, and first-layer receptive fields.
 
-CLI: ``python -m ghl_jax.plots curves OUT.png LABEL=WORKDIR ...`` and
-``python -m ghl_jax.plots fields OUT.png WORKDIR [--layer conv1]`` (any checkpoint in WORKDIR).
+CLI: ``python -m ghl_jax.train.plots curves OUT.png LABEL=WORKDIR ...`` and
+``python -m ghl_jax.train.plots fields OUT.png WORKDIR [--layer conv1]`` (any checkpoint in WORKDIR).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ghl_jax import metrics  # noqa: E402
+from ghl_jax.train import metrics  # noqa: E402
 
 
 def plot_curves(runs: Mapping[str, str], out: str) -> str:
