@@ -36,23 +36,30 @@ def make_tx(axis_name=None):
                          axis_name=axis_name)
 
 
-def make_step(model, tx, *, train, axis_name=None):
-  """``(params, batch_stats, opt_state, images, labels, rng) -> (params, batch_stats, opt_state)``."""
+def make_step(model, tx, *, train, axis_name=None, fused=False):
+  """``(params, batch_stats, opt_state, images, labels, rng) -> (params, batch_stats, opt_state)``:
+  the Hebbian terms from taps, or (``fused``) from ``ghl_jax.value_and_grad``."""
+  rule = ghl_jax.Rule('softmax_oja', t_inv=T_INV)
+
   def step(params, batch_stats, opt_state, images, labels, rng):
     def loss_fn(p):
-      (logits, state), taps = ghl_jax.tap(model.apply)(
+      out = (model.apply if fused else ghl_jax.tap(model.apply))(
           {'params': p, 'batch_stats': batch_stats}, images, train=train,
           mutable=['batch_stats'], rngs={'dropout': rng})
+      (logits, state), taps = (out, None) if fused else out
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       return loss, (state['batch_stats'], taps)
 
-    if axis_name is None:
-      grads, (new_stats, taps) = jax.grad(loss_fn, has_aux=True)(params)
+    local = params if axis_name is None else jax.lax.pcast(params, axis_name, to='varying')
+    if fused:
+      (_, (new_stats, _)), grads, hebb = ghl_jax.value_and_grad(loss_fn, rule, has_aux=True)(local)
+      extra = {'hebb': hebb}
     else:
-      local = jax.lax.pcast(params, axis_name, to='varying')
       grads, (new_stats, taps) = jax.grad(loss_fn, has_aux=True)(local)
+      extra = {'taps': taps}
+    if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
-    updates, opt_state = tx.update(grads, opt_state, params, taps=taps)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), new_stats, opt_state
   return step
 
@@ -93,7 +100,8 @@ def data_mesh():
   return Mesh(np.array(jax.devices()[:DEVICES]), ('data',), axis_types=(AxisType.Auto,))
 
 
-def test_jit_over_sharded_batch_equals_single_device_in_training_mode():
+@pytest.mark.parametrize('fused', [False, True], ids=['taps', 'fused'])
+def test_jit_over_sharded_batch_equals_single_device_in_training_mode(fused):
   model, (params, stats, opt_state, images, labels, rng) = setup(dropout_rate=0.5)
   expected = single_device(model, (params, stats, opt_state, images, labels, rng), train=True)
   mesh = data_mesh()
@@ -101,15 +109,16 @@ def test_jit_over_sharded_batch_equals_single_device_in_training_mode():
   args = (jax.device_put((params, stats, opt_state), replicated) +
           jax.device_put((images, labels), sharded) + (jax.device_put(rng, replicated),))
   assert args[3].sharding == sharded and len(args[3].addressable_shards) == DEVICES
-  actual = jax.jit(make_step(model, make_tx(), train=True),
+  actual = jax.jit(make_step(model, make_tx(), train=True, fused=fused),
                    out_shardings=replicated)(*args)
   assert actual[0]['conv1']['kernel'].sharding == replicated
   assert_same_step(actual, expected)
 
 
-def test_shard_map_with_axis_name_equals_single_device(eval_mode):
+@pytest.mark.parametrize('fused', [False, True], ids=['taps', 'fused'])
+def test_shard_map_with_axis_name_equals_single_device(eval_mode, fused):
   model, (params, stats, opt_state, images, labels, rng), expected = eval_mode
-  step = make_step(model, make_tx('data'), train=False, axis_name='data')
+  step = make_step(model, make_tx('data'), train=False, axis_name='data', fused=fused)
   mapped = jax.shard_map(step, mesh=data_mesh(),
                          in_specs=(P(), P(), P(), P('data'), P('data'), P()), out_specs=P())
   actual = jax.jit(mapped)(params, stats, opt_state, images, labels, rng)
