@@ -21,7 +21,9 @@ meanwhile (from /proc/stat), since shared machines make wall times noisy::
 
 Variant labels: 'GHL'/'BP' is the step as trained (``conv_impl='auto'``); ``xla``: XLA's own
 convolutions (``conv_impl='xla'``); ``taps``: every Hebbian term from taps after the gradient
-(the v1 loop of :func:`benchmarks.loops.taps_step`); ``flaxpool``: DeepHebb's max pools as ``nn.max_pool``; ``nodonate``:
+(the v1 loop of :func:`benchmarks.loops.taps_step`); ``user``: the README's own loop on the public
+API (:func:`benchmarks.loops.user_step`); ``v1``: the v1 user loop as a user wrote it (taps, plain
+``jax.value_and_grad``, XLA's convolutions); ``flaxpool``: DeepHebb's max pools as ``nn.max_pool``; ``nodonate``:
 the state is not donated. ``--malloc=default`` runs with glibc's allocator defaults.
 """
 from __future__ import annotations
@@ -58,22 +60,25 @@ class Variant:
   label: str
   ghl: bool
   conv_impl: str = 'auto'
-  fused: bool = True              # GHL: conv layers' Hebbian terms in the gradient pass (else taps)
+  loop: str = 'trainer'           # 'trainer' (its step), 'user' (README's loop), 'taps' (v1 loop)
   donate: bool = True             # the state buffers are donated to the step
   flax_pool: bool = False         # DeepHebb's max pools as nn.max_pool (select-and-scatter grad)
 
 
 VARIANTS = {v.label: v for v in (
     Variant('GHL', True), Variant('BP', False),
-    Variant('GHL xla+flaxpool+taps', True, 'xla', fused=False, flax_pool=True),
+    Variant('GHL xla+flaxpool+taps', True, 'xla', loop='taps', flax_pool=True),
     Variant('BP xla+flaxpool+taps', False, 'xla', flax_pool=True),
-    Variant('GHL xla+taps', True, 'xla', fused=False), Variant('BP xla+taps', False, 'xla'),
+    Variant('GHL xla+taps', True, 'xla', loop='taps'), Variant('BP xla+taps', False, 'xla'),
     Variant('GHL xla', True, 'xla'), Variant('BP xla', False, 'xla'),
-    Variant('GHL taps', True, fused=False),
+    Variant('GHL taps', True, loop='taps'),
+    Variant('user GHL', True, loop='user'), Variant('user BP', False, loop='user'),
+    Variant('user GHL v1', True, 'xla', loop='taps'), Variant('user BP v1', False, 'xla', loop='taps'),
     Variant('GHL nodonate', True, donate=False), Variant('BP nodonate', False, donate=False),
 )}
 GROUPS = {
     'ghl,bp': ('GHL', 'BP'),
+    'user': ('user GHL', 'user BP', 'GHL', 'BP', 'user GHL v1', 'user BP v1'),
     'changes': ('GHL xla+flaxpool+taps', 'BP xla+flaxpool+taps', 'GHL xla+taps', 'BP xla+taps',
                 'GHL xla', 'GHL taps', 'GHL', 'BP', 'GHL nodonate', 'BP nodonate'),
 }
@@ -219,10 +224,12 @@ def build_step(model, variant: Variant, t_inv, total_steps: int):
   rule = ghl_jax.Rule('softmax_oja', t_inv=t_inv) if variant.ghl else None
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=total_steps,
                        use_ghl=variant.ghl, rule=rule)
-  if variant.fused:
-    step = steps.make_train_step(model, tx, rule=rule, conv_impl=variant.conv_impl)
-  else:
+  if variant.loop == 'user':
+    step = loops.user_step(model, tx, rule)
+  elif variant.loop == 'taps':
     step = ghl_jax.accel.wrap(loops.taps_step(model, tx, variant.ghl), variant.conv_impl)
+  else:
+    step = steps.make_train_step(model, tx, rule=rule, conv_impl=variant.conv_impl)
   return jax.jit(step, donate_argnums=(0,) if variant.donate else ()), tx
 
 
@@ -372,8 +379,8 @@ def ratios(report: dict) -> list[str]:
   by_label = {r['variant']: r for r in report['rows']}
   out = []
   for label, r in by_label.items():
-    if label.startswith('GHL'):
-      bp = by_label.get('BP' + label[3:])
+    if 'GHL' in label:
+      bp = by_label.get(label.replace('GHL', 'BP', 1))
       if bp:
         out.append(f"{label} / {bp['variant']}: step time {r['median_s'] / bp['median_s']:.3f} "
                    f"(model FLOPs {r['model_flops'] / bp['model_flops']:.3f})")

@@ -45,32 +45,6 @@ def enable_compilation_cache(path: str | None) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-def total_steps(config, num_train_examples: int) -> tuple[int, int]:
-  """``(num_train_steps, steps_per_epoch)`` from the config and the dataset size."""
-  per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // config.batch_size
-  if per_epoch <= 0:
-    raise validate.ConfigError(f'config.batch_size={config.batch_size} exceeds the {num_train_examples} '
-                               'training examples; lower it.')
-  first = hebbian_steps(config, num_train_examples)
-  steps = config.num_train_steps if config.num_train_steps > 0 else first + int(config.num_epochs * per_epoch)
-  if config.method == 'hebbian' and steps <= first:
-    raise validate.ConfigError(f'{steps} steps in all leave none for the probe after the {first} Hebbian '
-                               'steps: raise config.num_train_steps or lower config.hebbian.num_steps/epochs.')
-  return steps, per_epoch
-
-
-def hebbian_steps(config, num_train_examples: int) -> int:
-  """Steps of the unsupervised phase of method 'hebbian' (0 for the other methods):
-  ``config.hebbian.num_steps`` if >= 0, else ``epochs`` passes at ``config.hebbian.batch_size``."""
-  if config.method != 'hebbian':
-    return 0
-  h = config.hebbian
-  if h.num_steps >= 0:
-    return int(h.num_steps)
-  examples = config.steps_per_epoch * config.batch_size if config.steps_per_epoch > 0 else num_train_examples
-  return int(h.epochs * (examples // h.batch_size))
-
-
 def build_model(config, num_classes: int):
   kwargs = dict(config.model.kwargs)
   kwargs.setdefault('num_classes', num_classes)
@@ -154,12 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise validate.ConfigError(f'config.{error}') from None
 
   info = data_lib.info(config.data)
-  total, per_epoch = total_steps(config, info.num_train)
+  total, per_epoch, first = methods.budget(config, info.num_train)
   model = build_model(config, info.num_classes)
   mesh = make_mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  tx, phases = methods.phases(config, model, sample, total, hebbian_steps(config, info.num_train))
+  tx, phases = methods.phases(config, model, sample, total, first)
 
   def init_state(rng):
     init_rng, train_rng = jax.random.split(rng)
