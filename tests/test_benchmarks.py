@@ -86,3 +86,17 @@ def test_accelerator_refuses_full_size_on_cpu():
   assert jax.default_backend() == 'cpu'
   with pytest.raises(SystemExit, match='no GPU/TPU'):
     accelerator.main(['--models', 'deephebb', '--dtypes', 'float32'])
+
+
+def test_user_loop_runs_and_checks_its_goals(tmp_path):
+  from benchmarks import user_loop  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'user_loop.json'
+  reports = user_loop.main(['--cases', 'deephebb', '--width', '0.0625', '--steps', '1', '--warmup', '0',
+                            '--matmul-size', '128', '--json', str(out)])
+  rows = {r['variant']: r for r in reports['deephebb']['rows']}
+  assert set(rows) == set(user_loop.VARIANTS)
+  for row in rows.values():
+    assert row['median_s'] > 0 and math.isfinite(row['loss'])
+  lines = user_loop.goals(reports['deephebb'])
+  assert len(lines) == 4 and all(('met' in line) or ('x' in line) for line in lines)
+  assert json.loads(out.read_text())['deephebb']['batch'] == 64

@@ -8,6 +8,9 @@
     metrics.py       JSONL + TensorBoard, progress line;  plots.py: curves and receptive fields
     data/            tfds + tf.data input, offline imports;  distributed.py: multi-host start-up
 """
-from ghl_jax.train.loop import NumericalError, train_and_evaluate
+try:
+  from ghl_jax.train.loop import NumericalError, train_and_evaluate
+except ModuleNotFoundError as error:         # the core alone is installed
+  raise ModuleNotFoundError(f'ghl_jax.train needs {error.name!r}: pip install "ghl_jax[train]".') from None
 
 __all__ = ['NumericalError', 'train_and_evaluate']

@@ -1,0 +1,117 @@
+"""Shared config pieces: the default fields of every run and the paper's recipes.
+
+A config file defines ``get_config(arg=None)`` returning an ``ml_collections.ConfigDict``;
+``arg`` is the text after ``:`` in ``--config=file.py:runlocal`` (comma-separated switches).
+``runlocal`` shrinks any config to run on a laptop CPU in minutes.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+CIFAR_HALF = 'half'   # the paper's ToTensor + Normalize(0.5, 0.5): pixels in [-1, 1]
+WIDTH_MODELS = ('deephebb', 'deephebb_softhebb', 'fasthebb')
+DEEPHEBB_T_INV = {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}
+
+# Test accuracy reported by the paper (algorithm.md §4), for tables beside our numbers.
+PAPER = {
+    ('cifar10', 'deephebb', 'ghl'): 86.41, ('cifar10', 'deephebb', 'bp'): 86.98,
+    ('cifar100', 'deephebb', 'ghl'): 62.40, ('cifar100', 'deephebb', 'bp'): 63.58,
+    ('cifar10', 'fasthebb', 'ghl'): 83.96, ('cifar10', 'fasthebb', 'bp'): 84.71,
+    ('cifar100', 'fasthebb', 'ghl'): 57.23, ('cifar100', 'fasthebb', 'bp'): 57.49,
+    ('cifar10', 'deephebb', 'softhebb'): 80.36, ('cifar100', 'deephebb', 'softhebb'): 55.94,
+    ('cifar10', 'fasthebb', 'swta'): 55.23, ('cifar100', 'fasthebb', 'swta'): 21.04,
+    ('cifar10', 'fasthebb', 'hpca'): 67.73, ('cifar100', 'fasthebb', 'hpca'): 37.47,
+    ('imagenet2012', 'deephebb', 'ghl'): 53.71, ('imagenet2012', 'deephebb', 'bp'): 58.84,
+    ('imagenet2012', 'fasthebb', 'ghl'): 50.80, ('imagenet2012', 'fasthebb', 'bp'): 56.64,
+    ('imagenet2012', 'vgg16', 'ghl'): 65.58, ('imagenet2012', 'vgg16', 'bp'): 71.50,
+    ('imagenet2012', 'resnet18', 'ghl'): 65.78, ('imagenet2012', 'resnet18', 'bp'): 69.57,
+    ('imagenet2012', 'resnet50', 'ghl'): 73.14, ('imagenet2012', 'resnet50', 'bp'): 75.99,
+    ('imagenet2012', 'deephebb', 'softhebb'): 26.08, ('imagenet2012', 'fasthebb', 'swta'): 4.75,
+    ('imagenet2012', 'fasthebb', 'hpca'): 19.42,
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """``'runlocal,method=bp'`` → ConfigDict(runlocal=True, method='bp') over ``defaults``."""
+  out = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in out:
+      raise ValueError(f'Unknown config switch {key!r}; known switches: {sorted(out)}.')
+    out[key] = True if not value else type(out[key])(value) if out[key] is not None else value
+  return ml_collections.ConfigDict(out)
+
+
+def base() -> ml_collections.ConfigDict:
+  """Defaults of every run; config files override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.method = 'ghl'                      # 'ghl' | 'bp' | 'hebbian' (unsupervised rule, then probe)
+  c.model = ml_collections.ConfigDict({'name': 'deephebb', 'kwargs': ml_collections.ConfigDict()})
+  c.data = ml_collections.ConfigDict({
+      'name': 'cifar10', 'data_dir': placeholder(str), 'download': False, 'manual_dir': placeholder(str),
+      'train_split': 'train', 'eval_split': 'test', 'augment': 'none', 'image_size': placeholder(int),
+      'normalize': CIFAR_HALF, 'shuffle_buffer': 50_000,
+  })
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.num_epochs = 100
+  c.num_train_steps = -1                 # > 0 overrides num_epochs
+  c.steps_per_epoch = -1                 # > 0 overrides the dataset size (tests, mock data)
+  c.grad_accum_steps = 1
+  c.compute_dtype = 'float32'            # or 'bfloat16'; params and Hebbian terms stay float32
+  c.conv_impl = 'auto'                   # 'xla' | 'gemm' (conv backward as GEMMs); 'auto': gemm on CPU
+  c.optimizer = ml_collections.ConfigDict({
+      'name': 'paper_sgd', 'lr': 5e-3, 'lr_conv': 1e-2, 'wd_conv': 5e-2,
+      'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4, 'warmup_steps': 0,
+  })
+  c.ghl = ml_collections.ConfigDict({
+      'layers': placeholder(str),        # None: every nn.Conv kernel; else regex over kernel paths
+      't_inv': ml_collections.ConfigDict(),  # {module path or regex: t_inv}; unmatched: 1.0
+      'rule': 'softmax_oja', 'rule_kwargs': ml_collections.ConfigDict(),
+      'direction': 'gradient', 'magnitude': 'hebbian',
+  }, type_safe=False)                    # t_inv may become a per-layer mapping
+  c.hebbian = ml_collections.ConfigDict({   # method 'hebbian': local rule (phase 1), then a probe
+      'layers': placeholder(str),        # kernels trained by the rule; None: every nn.Conv kernel
+      'rule': 'softhebb', 't_inv': 1.0, 'rule_kwargs': ml_collections.ConfigDict(),
+      'lr': 0.01,                        # float or {module path or regex: float}
+      'norm_power': placeholder(float),  # SoftHebb's rate lr·(|‖W_k‖−1|+1e-10)^p; None: constant lr
+      'epochs': 1.0, 'num_steps': -1,    # num_steps >= 0 overrides epochs
+      'batch_size': 10,
+      'trainable': r'classifier',        # regex of the params the probe trains (the rest frozen)
+      'probe_schedule': 'cosine',        # or 'halving' (Adam halved at 20/35/50/60/70/80/90 %)
+  }, type_safe=False)                    # lr and t_inv may become per-layer mappings
+  c.log_every_steps = 50
+  c.eval_every_steps = -1                # -1: once per epoch
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.compilation_cache_dir = '~/.cache/ghl_jax/xla'  # '' disables the persistent cache
+  c.force = False                        # resume a workdir written by a different model/dataset
+  c.sweep = ()                           # list of override dicts, expanded by launch/sweep.py
+  return c
+
+
+def paper_recipe(c: ml_collections.ConfigDict, model: str) -> None:
+  """The authors' hyper-parameters (README of their code): batch 64, 100 epochs, cosine."""
+  lr_conv, wd_conv, lr = {'deephebb': (1e-2, 5e-2, 5e-3), 'fasthebb': (5e-2, 1e-2, 1e-4)}[model]
+  c.optimizer.update({'name': 'paper_sgd', 'lr': lr, 'lr_conv': lr_conv, 'wd_conv': wd_conv})
+  c.batch_size, c.num_epochs = 64, 100
+  c.model.kwargs.width = 1.0
+  if model == 'deephebb':
+    c.ghl.t_inv = ml_collections.ConfigDict(DEEPHEBB_T_INV)
+
+
+def apply_runlocal(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a run for a laptop CPU: tiny width, few steps, small eval."""
+  if c.model.name in WIDTH_MODELS:
+    c.model.kwargs.width = min(c.model.kwargs.get('width', 1.0), 0.125)
+  if c.data.get('image_size') and c.data.image_size > 64:
+    c.data.image_size = 64
+  c.batch_size = min(c.batch_size, 32)
+  c.eval_batch_size = 128
+  c.num_train_steps = 60
+  c.log_every_steps = 10
+  c.eval_every_steps = 60
+  c.checkpoint_every_steps = 30
+  c.data.shuffle_buffer = 1000

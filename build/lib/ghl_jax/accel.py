@@ -1,0 +1,93 @@
+"""The one seam between the core and :mod:`ghl_jax.kernels`: which kernels run, chosen by backend.
+
+``impl`` is ``'auto'`` (the kernels measured to be faster on this backend: ``'gemm'`` on CPU,
+``'xla'`` elsewhere), ``'gemm'`` (the CPU kernels: convolutions with a two-GEMM backward pass,
+max pooling with a fused backward pass) or ``'xla'`` (XLA's own ops everywhere)::
+
+    with ghl_jax.accel.use('auto'):            # every nn.Conv / models.layers.MaxPool inside
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+
+Models are not touched: the swap goes through ``nn.Conv``'s ``conv_general_dilated`` hook and
+an interceptor of :class:`ghl_jax.models.layers.MaxPool` calls. :func:`ghl_jax.value_and_grad`
+uses this seam; so does the trainer, which also calls :func:`prepare_host`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from ghl_jax import kernels
+from ghl_jax.models.layers import MaxPool
+
+IMPLS = ('auto', 'xla', 'gemm')
+
+
+def resolve(impl: str) -> str:
+  """``'auto'`` → ``'gemm'`` on CPU, ``'xla'`` on GPU/TPU; ``'xla'``/``'gemm'`` as given."""
+  if impl not in IMPLS:
+    raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}.')
+  if impl == 'auto':
+    return 'gemm' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
+def has_own_conv(module: nn.Conv) -> bool:
+  """Whether an ``nn.Conv`` brings its own convolution (then it is left alone)."""
+  return module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None
+
+
+@contextlib.contextmanager
+def conv_hook(module: nn.Conv, conv: Callable):
+  """Runs ``module`` (an ``nn.Conv``) with ``conv`` as its ``conv_general_dilated`` inside."""
+  object.__setattr__(module, 'conv_general_dilated', conv)
+  try:
+    yield
+  finally:
+    object.__setattr__(module, 'conv_general_dilated', None)
+
+
+def _swap(next_fun, args, kwargs, context):
+  """An ``nn.Conv`` call with the GEMM backward; a ``MaxPool`` call with the fused backward."""
+  module = context.module
+  if context.method_name != '__call__':
+    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.Conv) and not has_own_conv(module):
+    with conv_hook(module, kernels.conv.conv_general_dilated):
+      return next_fun(*args, **kwargs)
+  if isinstance(module, MaxPool):
+    x = args[0] if args else kwargs['inputs']
+    return kernels.pooling.max_pool(x, module.window_shape, module.strides, module.padding)
+  return next_fun(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def use(impl: str = 'auto'):
+  """Inside: convolutions and max pools run with the kernels ``impl`` names (see :func:`resolve`)."""
+  if resolve(impl) == 'xla':
+    yield
+    return
+  with nn.intercept_methods(_swap):
+    yield
+
+
+def wrap(fn: Callable, impl: str = 'auto') -> Callable:
+  """``fn`` (e.g. ``model.apply``) running under :func:`use` ``(impl)``."""
+  resolve(impl)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with use(impl):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def prepare_host(impl: str = 'auto') -> bool:
+  """On CPU (``impl`` resolving to 'gemm'), keeps freed host memory for XLA:CPU's per-step
+  temporaries (:mod:`ghl_jax.kernels.host_memory`); returns whether it changed anything."""
+  if resolve(impl) != 'gemm' or jax.default_backend() != 'cpu':
+    return False
+  return kernels.host_memory.keep_freed_memory()

@@ -1,0 +1,276 @@
+"""Convolutions whose backward pass is two GEMMs over patches (fast where XLA's is slow),
+optionally returning a caller's term computed over the same patches.
+
+For channels-last convolutions (NHWC·HWIO and their N-d analogues, the form ``nn.Conv`` calls),
+with ``P`` the input patches (one row per site = sample × output position; columns = kernel taps
+× input channels, the order of ``kernel.reshape(-1, features)``) and ``δ`` the output cotangent::
+
+    u  = P W                   forward: XLA's own convolution (fast on every backend)
+    ∂W = Pᵀ δ                  one GEMM
+    ∂x = col2im(δ Wᵀ)          one GEMM; each tap's column block is added back at its offset
+
+``P`` is rebuilt from ``x`` in the backward pass, so nothing bigger than ``x`` is kept between the
+passes. On XLA:CPU this replaces backward convolutions that run at a fraction of the matmul peak
+(and 10-40× slower still inside ``lax.scan`` bodies: jax-ml/jax#12868).
+
+:func:`conv_with_term` also hands the caller ``product(c) = Pᵀ c`` over the patches it builds
+anyway and returns the caller's ``term(...)`` as the cotangent of a zero ``probe``: in the backward
+pass beside ``∂W`` (``u`` kept for it), or in the forward pass where ``u = P W`` is computed from
+the same patches (only the term is kept: the choice for ``lax.scan`` bodies, where whatever the
+backward pass needs is stacked per block). This module knows no rule: the term is the caller's.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Geometry(NamedTuple):
+  """A channels-last convolution: per spatial axis strides, ``(low, high)`` zero padding and
+  kernel dilation; feature groups; the precision of the products."""
+  strides: tuple
+  padding: tuple
+  dilation: tuple
+  groups: int
+  precision: object = None
+
+  @property
+  def dimension_numbers(self):
+    n = len(self.strides)
+    return lax.ConvDimensionNumbers((0, n + 1) + tuple(range(1, n + 1)),
+                                    (n + 1, n) + tuple(range(n)),
+                                    (0, n + 1) + tuple(range(1, n + 1)))
+
+  def out_spatial(self, in_spatial, kernel_spatial) -> tuple:
+    return tuple((size + lo + hi - (k - 1) * d - 1) // s + 1 for size, (lo, hi), k, s, d
+                 in zip(in_spatial, self.padding, kernel_spatial, self.strides, self.dilation))
+
+
+def _xla_conv(x, kernel, geometry: Geometry):
+  return lax.conv_general_dilated(x, kernel, geometry.strides, geometry.padding,
+                                  rhs_dilation=geometry.dilation,
+                                  dimension_numbers=geometry.dimension_numbers,
+                                  feature_group_count=geometry.groups, precision=geometry.precision)
+
+
+def _tap_offsets(kernel_spatial) -> list:
+  return list(itertools.product(*(range(k) for k in kernel_spatial)))
+
+
+def patches(x, kernel_spatial, geometry: Geometry) -> jax.Array:
+  """``P`` as ``(batch, *out_spatial, taps·channels)``: the padded input at every kernel offset."""
+  out = geometry.out_spatial(x.shape[1:-1], kernel_spatial)
+  xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in geometry.padding]
+               + [(0, 0, 0)])
+  pieces = []
+  for offset in _tap_offsets(kernel_spatial):
+    start = [o * d for o, d in zip(offset, geometry.dilation)]
+    limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, geometry.strides)]
+    pieces.append(lax.slice(xp, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
+                            (1, *geometry.strides, 1)))
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
+
+
+def col2im(cols, in_shape, kernel_spatial, geometry: Geometry) -> jax.Array:
+  """Adjoint of :func:`patches`: ``cols (batch, *out, taps·C)`` summed back into ``in_shape``."""
+  channels = in_shape[-1]
+  out = cols.shape[1:-1]
+  total = None
+  for t, offset in enumerate(_tap_offsets(kernel_spatial)):
+    piece = cols[..., t * channels:(t + 1) * channels]
+    config = [(0, 0, 0)]
+    for o, d, (lo, _), m, s, size in zip(offset, geometry.dilation, geometry.padding, out,
+                                         geometry.strides, in_shape[1:-1]):
+      low = o * d - lo
+      config.append((low, size - low - (m - 1) * s - 1, s - 1))
+    placed = lax.pad(piece, jnp.zeros((), cols.dtype), config + [(0, 0, 0)])
+    total = placed if total is None else total + placed
+  return total
+
+
+def _grouped(a, groups: int):
+  """``(sites, G·K)`` → ``(G, sites, K)``."""
+  return a.reshape(a.shape[0], groups, -1).transpose(1, 0, 2)
+
+
+def patch_matrix(x, kernel_spatial, geometry: Geometry) -> jax.Array:
+  """``P`` as ``(sites, taps·channels)``."""
+  cols = patches(x, kernel_spatial, geometry)
+  return cols.reshape(-1, cols.shape[-1])
+
+
+def patch_product(cols, cotangent, kernel_shape, geometry: Geometry, accumulate=None) -> jax.Array:
+  """``Pᵀ c`` in the kernel's shape (``Σ_sites c ⊗ patch``, within each feature group)."""
+  features = kernel_shape[-1]
+  c = cotangent.reshape(-1, features)
+  if cols.dtype != c.dtype:
+    cols, c = cols.astype(jnp.float32), c.astype(jnp.float32)
+  g = geometry.groups
+  if g == 1:
+    product = lax.dot_general(cols, c, (((0,), (0,)), ((), ())), precision=geometry.precision,
+                              preferred_element_type=accumulate)
+    return product.reshape(kernel_shape)
+  per_group = kernel_shape[-2]
+  taps = cols.shape[-1] // (g * per_group)
+  cols = cols.reshape(-1, taps, g, per_group).transpose(2, 0, 1, 3).reshape(g, cols.shape[0], -1)
+  product = lax.dot_general(cols, _grouped(c, g), (((1,), (1,)), ((0,), (0,))),
+                            precision=geometry.precision, preferred_element_type=accumulate)
+  product = product.reshape(g, taps, per_group, features // g).transpose(1, 2, 0, 3)
+  return product.reshape(kernel_shape)
+
+
+def patch_apply(cols, kernel, out_shape, geometry: Geometry) -> jax.Array:
+  """``u = P W`` (within each feature group) in ``out_shape``: the convolution as one GEMM."""
+  features = kernel.shape[-1]
+  g = geometry.groups
+  if g == 1:
+    u = lax.dot_general(cols, kernel.reshape(-1, features), (((1,), (0,)), ((), ())),
+                        precision=geometry.precision)
+    return u.reshape(out_shape)
+  per_group = kernel.shape[-2]
+  taps = cols.shape[-1] // (g * per_group)
+  cols = cols.reshape(-1, taps, g, per_group).transpose(2, 0, 1, 3).reshape(g, cols.shape[0], -1)
+  w = kernel.reshape(taps, per_group, g, features // g).transpose(2, 0, 1, 3).reshape(g, -1, features // g)
+  u = lax.dot_general(cols, w, (((2,), (1,)), ((0,), (0,))), precision=geometry.precision)
+  return u.transpose(1, 0, 2).reshape(out_shape)
+
+
+def input_grad(cotangent, kernel, in_shape, geometry: Geometry) -> jax.Array:
+  """``∂x = col2im(δ Wᵀ)``."""
+  kernel_spatial = kernel.shape[:-2]
+  features = kernel.shape[-1]
+  g = geometry.groups
+  delta = cotangent.reshape(-1, features)
+  if g == 1:
+    cols = lax.dot_general(delta, kernel.reshape(-1, features), (((1,), (1,)), ((), ())),
+                           precision=geometry.precision)
+  else:
+    w = kernel.reshape(-1, g, features // g).transpose(1, 0, 2)           # (G, taps·Cg, Fg)
+    cols = lax.dot_general(_grouped(delta, g), w, (((2,), (2,)), ((0,), (0,))),
+                           precision=geometry.precision)                  # (G, sites, taps·Cg)
+    taps = cols.shape[-1] // kernel.shape[-2]
+    cols = cols.reshape(g, -1, taps, kernel.shape[-2]).transpose(1, 2, 0, 3)
+  cols = cols.reshape(cotangent.shape[:-1] + (-1,))
+  return col2im(cols, in_shape, kernel_spatial, geometry)
+
+
+def _conv_grads(geometry, x, kernel, cols, cotangent):
+  dx = input_grad(cotangent, kernel, x.shape, geometry).astype(x.dtype)
+  dw = patch_product(cols, cotangent, kernel.shape, geometry, accumulate=jnp.float32)
+  return dx, dw.astype(kernel.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gemm_conv(x, kernel, geometry):
+  return _xla_conv(x, kernel, geometry)
+
+
+def _gemm_conv_fwd(x, kernel, geometry):
+  return _xla_conv(x, kernel, geometry), (x, kernel)
+
+
+def _gemm_conv_bwd(geometry, residuals, cotangent):
+  x, kernel = residuals
+  return _conv_grads(geometry, x, kernel, patch_matrix(x, kernel.shape[:-2], geometry), cotangent)
+
+
+_gemm_conv.defvjp(_gemm_conv_fwd, _gemm_conv_bwd)
+
+
+def _channels_last(dimension_numbers, ndim: int) -> bool:
+  if dimension_numbers is None:
+    return False
+  if not isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    dimension_numbers = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers)
+  n = ndim - 2
+  return dimension_numbers == Geometry((1,) * n, ((0, 0),) * n, (1,) * n, 1).dimension_numbers
+
+
+def geometry_of(lhs_shape, rhs_shape, window_strides, padding, lhs_dilation=None,
+                rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                batch_group_count=1, precision=None) -> Optional[Geometry]:
+  """The :class:`Geometry` of a ``lax.conv_general_dilated`` call, or ``None`` when the GEMM
+  path does not cover it (not channels-last, input dilation, batch groups, negative padding)."""
+  n = len(lhs_shape) - 2
+  ones = (1,) * n
+  if (not _channels_last(dimension_numbers, len(lhs_shape)) or batch_group_count != 1
+      or tuple(lhs_dilation or ones) != ones):
+    return None
+  strides = tuple(window_strides or ones)
+  dilation = tuple(rhs_dilation or ones)
+  if isinstance(padding, str):
+    dilated = [(k - 1) * d + 1 for k, d in zip(rhs_shape[:n], dilation)]
+    padding = lax.padtype_to_pads(lhs_shape[1:-1], dilated, strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if any(lo < 0 or hi < 0 for lo, hi in padding):
+    return None
+  geometry = Geometry(strides, padding, dilation, int(feature_group_count), precision)
+  if min(geometry.out_spatial(lhs_shape[1:-1], rhs_shape[:n]), default=1) < 1:
+    return None
+  return geometry
+
+
+def conv_general_dilated(lhs, rhs, window_strides=None, padding='VALID', lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """``lax.conv_general_dilated`` with the GEMM backward pass where it applies (else XLA's)."""
+  geometry = geometry_of(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, feature_group_count, batch_group_count, precision)
+  if geometry is None or preferred_element_type is not None or lhs.dtype != rhs.dtype:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                    dimension_numbers, feature_group_count, batch_group_count,
+                                    precision, preferred_element_type)
+  return _gemm_conv(lhs, rhs, geometry)
+
+
+def _zeros(tree):
+  return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _term(term, context, x, kernel, u, cols, geometry) -> jax.Array:
+  product = lambda c: patch_product(cols, c.astype(jnp.float32), kernel.shape, geometry,
+                                    accumulate=jnp.float32)
+  return lax.stop_gradient(term(context, x, kernel, u, product)).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _conv_with_term(x, kernel, probe, context, geometry, term, forward):
+  del probe, context, term, forward
+  return _xla_conv(x, kernel, geometry)
+
+
+def _conv_with_term_fwd(x, kernel, probe, context, geometry, term, forward):
+  del probe
+  if not forward:
+    u = _xla_conv(x, kernel, geometry)
+    return u, (x, kernel, u, context)
+  cols = patch_matrix(x, kernel.shape[:-2], geometry)
+  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
+  u = patch_apply(cols, kernel, out_shape, geometry)
+  return u, (x, kernel, _term(term, context, x, kernel, u, cols, geometry), context)
+
+
+def _conv_with_term_bwd(geometry, term, forward, residuals, cotangent):
+  """``∂x``, ``∂W`` and, as the probe's cotangent, the term (formed here unless ``forward``)."""
+  x, kernel, kept, context = residuals
+  cols = patch_matrix(x, kernel.shape[:-2], geometry)
+  dx, dw = _conv_grads(geometry, x, kernel, cols, cotangent)
+  h = kept if forward else _term(term, context, x, kernel, kept, cols, geometry)
+  return dx, dw, h, _zeros(context)
+
+
+_conv_with_term.defvjp(_conv_with_term_fwd, _conv_with_term_bwd)
+
+
+def conv_with_term(lhs, rhs, geometry: Geometry, *, probe, context, term: Callable,
+                   forward: bool = False) -> jax.Array:
+  """The convolution of ``lhs`` and ``rhs`` (GEMM backward) whose ``probe`` gets as cotangent
+  ``term(context, x, kernel, u, product)``, float32, with ``product(c) = Pᵀ c`` in the kernel's
+  shape over this convolution's patches; ``context`` is a pytree passed through (zero
+  cotangent). ``forward``: form the term in the forward pass (see the module docstring)."""
+  return _conv_with_term(lhs, rhs, probe, context, geometry, term, forward)

@@ -1,0 +1,85 @@
+"""Optimizers: the paper's two-group SGD around ``ghl()``, and end-to-end BP baselines.
+
+The paper (authors' code) trains with ``torch.optim.SGD`` without momentum and two groups:
+
+    GHL kernels:   W ← W − η_conv(t) · (sign(G) ⊙ |Ĥ| + λ_conv W)
+    everything else:   θ ← θ − η(t) · G
+
+with ``η(t) = η₀ · ½(1 + cos(π t / T))`` stepped every iteration down to 0.
+"""
+from __future__ import annotations
+
+import re
+from typing import Collection, Optional, Union
+
+import flax
+import optax
+
+from ghl_jax.rule import Rule
+from ghl_jax.transform import ghl
+
+DEFAULT_GHL_KERNELS = r'(?i)conv[^/]*/kernel$'
+
+
+def group_labels(kernels: Union[str, Collection[str]]):
+  """Label fn for ``optax.multi_transform``: ``'ghl'`` for the given kernels, ``'bp'`` otherwise.
+
+  ``kernels`` is a regex over '/'-joined param paths or a collection of exact paths.
+  """
+  def labels(params):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+    chosen = {p for p in flat if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
+    if not chosen:
+      raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(flat)}.')
+    return flax.traverse_util.unflatten_dict(
+        {p: 'ghl' if p in chosen else 'bp' for p in flat}, sep='/')
+  return labels
+
+
+def cosine(peak: float, total_steps: int) -> optax.Schedule:
+  """``η(t) = peak · ½(1 + cos(π t / T))``, reaching 0 at ``T = total_steps``."""
+  if not peak > 0:
+    raise ValueError(f'learning rates must be > 0, got {peak}.')
+  if not total_steps > 0:
+    raise ValueError(f'total_steps must be > 0, got {total_steps}.')
+  return optax.cosine_decay_schedule(peak, total_steps)
+
+
+def paper_sgd(*, lr: float, lr_conv: float, wd_conv: float, total_steps: int,
+              kernels: Union[str, Collection[str]] = DEFAULT_GHL_KERNELS, use_ghl: bool = True,
+              rule: Optional[Rule] = None, **ghl_kwargs) -> optax.GradientTransformationExtraArgs:
+  """The paper's optimizer: GHL (or BP) on ``kernels`` with decay, plain SGD elsewhere.
+
+  ``kernels`` (regex or exact '/'-joined paths) names the GHL group; by default, as in the
+  paper's code, every kernel whose module name contains "conv". ``rule`` (a :class:`~ghl_jax.Rule`) and ``ghl_kwargs`` (``direction``,
+  ``magnitude``, ``axis_name``; v1: ``t_inv``, ``layers``...) go to :func:`ghl_jax.ghl`. With
+  ``use_ghl=False`` the same groups train by plain backprop (the paper-recipe BP baseline).
+  """
+  if wd_conv < 0:
+    raise ValueError(f'wd_conv must be >= 0, got {wd_conv}.')
+  ghl_group = [optax.add_decayed_weights(wd_conv), optax.sgd(cosine(lr_conv, total_steps))]
+  if use_ghl:
+    if rule is None:
+      ghl_kwargs.setdefault('layers', kernels)
+    else:
+      ghl_kwargs['rule'] = rule
+    ghl_group.insert(0, ghl(**ghl_kwargs))
+  return optax.multi_transform(
+      {'ghl': optax.chain(*ghl_group), 'bp': optax.sgd(cosine(lr, total_steps))},
+      group_labels(kernels), mask_compatible_extra_args=True)
+
+
+def momentum_sgd(*, lr: float, total_steps: int, momentum: float = 0.9, weight_decay: float = 5e-4,
+                 nesterov: bool = True, warmup_steps: int = 0) -> optax.GradientTransformation:
+  """A standard strong BP recipe: SGD with (Nesterov) momentum, coupled L2 decay, cosine schedule."""
+  if warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, total_steps)
+  else:
+    schedule = cosine(lr, total_steps)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=momentum, nesterov=nesterov))
+
+
+def adam(*, lr: float, total_steps: int, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """AdamW with a cosine schedule (BP baseline)."""
+  return optax.adamw(cosine(lr, total_steps), weight_decay=weight_decay)

@@ -1,0 +1,187 @@
+"""Taps: the inputs and outputs of every ``nn.Conv`` / ``nn.Dense`` call of a flax model.
+
+``ghl_jax.tap(model.apply)`` wraps any function that applies linen modules. Through
+``nn.intercept_methods`` it sows, for each tapped module call, the module's input ``x`` and
+output ``u`` (its pre-activation) into flax's ``'intermediates'`` collection, plus a static
+:class:`Layer` that records the module's geometry. The model itself is not modified.
+
+The result is a nested dict mirroring the module tree::
+
+    taps['conv1'] == {'inputs': x, 'outputs': u, 'layer': Layer(nn.Conv, ...)}
+
+Under ``nn.scan`` (with ``variable_axes={'intermediates': 0, ...}``, the usual flax idiom) the
+arrays come back stacked along a leading axis, aligned with the stacked kernels. A module
+called several times in one pass (weight sharing) gives tuples of arrays, one per call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+COLLECTION = 'intermediates'
+TAPPED_TYPES = (nn.Conv, nn.Dense)
+_IGNORED_FIELDS = ('parent', 'name', 'use_bias', 'bias_init', 'kernel_init', 'dtype',
+                   'param_dtype', 'precision', 'promote_dtype',
+                   'conv_general_dilated', 'conv_general_dilated_cls')   # how, not what
+
+
+def _hashable(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """Static description of one tapped layer: its flax class and geometry fields.
+
+  ``kernel_product(x, y)`` is ``Σ_sites y ⊗ x`` in the kernel's own layout, computed as the
+  vjp of the (bias-free) layer with respect to its kernel with ``y`` as cotangent; for a
+  conv this is the correlation of the padded input with ``y`` (no im2col).
+  """
+  module_type: type
+  fields: tuple
+
+  @classmethod
+  def of(cls, module: nn.Module) -> 'Layer':
+    fields = []
+    for f in dataclasses.fields(module):
+      if f.name in _IGNORED_FIELDS or not f.init:
+        continue
+      value = getattr(module, f.name)
+      if f.name == 'mask' and value is not None:
+        raise ValueError(f'{module.path}: masked convolutions are not supported by ghl_jax taps.')
+      fields.append((f.name, _hashable(value)))
+    return cls(type(module), tuple(fields))
+
+  def __repr__(self):
+    shown = ', '.join(f'{k}={v!r}' for k, v in self.fields if v is not None)
+    return f'Layer({self.module_type.__name__}, {shown})'
+
+  @property
+  def is_conv(self) -> bool:
+    return issubclass(self.module_type, nn.Conv)
+
+  @property
+  def kernel_ndim(self) -> int:
+    """Rank of one (unstacked) kernel of this layer."""
+    if self.is_conv:
+      size = dict(self.fields)['kernel_size']
+      return (len(size) if isinstance(size, tuple) else 1) + 2
+    return 2
+
+  def linear_module(self) -> nn.Module:
+    """The layer without bias, in float32: ``u = f(x; W)`` is linear in ``W``."""
+    return self.module_type(**dict(self.fields), use_bias=False, dtype=jnp.float32,
+                            param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+  def apply(self, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    return self.linear_module().apply({'params': {'kernel': kernel}}, x)
+
+  def kernel_product(self, x: jax.Array, y: jax.Array, kernel_shape) -> jax.Array:
+    """``Σ_sites y ⊗ x`` with the shape of the kernel, accumulated in float32."""
+    x = x.astype(jnp.float32)
+    # zeros_like keeps x's per-device type inside shard_map: a vjp with respect to a
+    # device-invariant kernel would sum the cotangent over devices.
+    zero = jnp.zeros_like(x, shape=kernel_shape)
+    _, pullback = jax.vjp(lambda k: self.apply(k, x), zero)
+    return pullback(y.astype(jnp.float32))[0]
+
+
+def _interceptor(types):
+  def intercept(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(context.module, types):
+      module = context.module
+      module.sow(COLLECTION, 'inputs', args[0] if args else kwargs['inputs'])
+      module.sow(COLLECTION, 'outputs', out)
+      module.sow(COLLECTION, 'layer', Layer.of(module),
+                 init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    return out
+  return intercept
+
+
+def _with_collection(mutable):
+  if mutable is True:
+    return True
+  if mutable is False or mutable is None:
+    return [COLLECTION]
+  if isinstance(mutable, str):
+    mutable = [mutable]
+  mutable = list(mutable)
+  return mutable if COLLECTION in mutable else mutable + [COLLECTION]
+
+
+def _extract(tree: Any) -> Any:
+  """Keeps only tap entries ({'inputs', 'outputs', 'layer'}); unwraps single-call tuples."""
+  if not isinstance(tree, Mapping):
+    return None
+  if 'layer' in tree and isinstance(tree['layer'], Layer):
+    entry = {'layer': tree['layer']}
+    for key in ('inputs', 'outputs'):
+      calls = tree[key]
+      entry[key] = calls[0] if len(calls) == 1 else tuple(calls)
+    return entry
+  out = {}
+  for key, sub in tree.items():
+    sub = _extract(sub)
+    if sub:
+      out[key] = sub
+  return out
+
+
+def _strip(tree: Any) -> Any:
+  """Removes the tap entries from a user-visible intermediates tree."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for key, sub in tree.items():
+    if isinstance(tree, Mapping) and 'layer' in tree and key in ('inputs', 'outputs', 'layer'):
+      continue
+    sub = _strip(sub)
+    if not (isinstance(sub, Mapping) and not sub):
+      out[key] = sub
+  return out
+
+
+def tap(fn: Callable, *, types: tuple = TAPPED_TYPES) -> Callable:
+  """Wraps ``fn`` (e.g. ``model.apply``) to return ``(fn_output, taps)``.
+
+  ``fn`` must accept flax's ``mutable=`` keyword. The output keeps ``fn``'s own form: with
+  ``mutable=['batch_stats']`` it is ``(logits, new_state)``, without it just ``logits``.
+  Works under ``jax.jit``, ``jax.grad(..., has_aux=True)``, ``nn.scan`` and ``nn.remat``.
+  Call the wrapped function inside the traced function (not around a jitted one), as
+  interceptors act at trace time.
+  """
+  @functools.wraps(fn)
+  def tapped(*args, mutable=False, **kwargs):
+    with nn.intercept_methods(_interceptor(types)):
+      out, state = fn(*args, mutable=_with_collection(mutable), **kwargs)
+    state = dict(state)
+    inter = state.pop(COLLECTION, {})
+    taps = _extract(inter) or {}
+    user_wants = mutable is True or (
+        mutable not in (False, None) and COLLECTION in ([mutable] if isinstance(mutable, str) else mutable))
+    if user_wants:
+      state[COLLECTION] = _strip(inter)
+    if mutable is False or mutable is None:
+      return out, taps
+    return (out, state), taps
+
+  return tapped
+
+
+def entries(taps: Mapping, prefix: tuple = ()):
+  """Yields ``(module_path, entry)`` for every tap entry, module paths as tuples of names."""
+  if 'layer' in taps and isinstance(taps.get('layer'), Layer):
+    yield prefix, taps
+    return
+  for key, sub in taps.items():
+    if isinstance(sub, Mapping):
+      yield from entries(sub, prefix + (key,))

@@ -1,0 +1,203 @@
+"""Offline import: local copies of CIFAR-10 / (Fashion-)MNIST written into a tfds data_dir.
+
+The records are written under the registered tfds name and version, with the registered
+builder's features and split names, so ``tfds.load(name, data_dir=D, download=False)`` and
+:mod:`ghl_jax.train.data.pipeline` read them exactly like downloaded data::
+
+    python -m ghl_jax.train.data.offline cifar10 --source /path/to/cifar10_npz --data_dir ~/tensorflow_datasets
+    python -m ghl_jax.train.data.offline fashion_mnist --data_dir ~/tensorflow_datasets
+
+Sources: ``cifar10`` reads ``train-*-of-*.npz`` shards (concatenated in shard order) and
+``test.npz``, each with ``image`` uint8 [N,32,32,3] and ``label`` int [N]; ``mnist`` and
+``fashion_mnist`` read the four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
+gzipped or not). Examples are keyed by their index, as the tfds builders key them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import gzip
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ghl_jax.train.data.pipeline import default_data_dir
+
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
+                   'truck')
+
+Splits = dict  # split name -> (images uint8 [N,H,W,C], labels int64 [N])
+
+
+def _check_split(split: str, images: np.ndarray, labels: np.ndarray, source: str) -> None:
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ValueError(f'{source}: {split} images must be uint8 [N,H,W,C], got {images.dtype} {images.shape}.')
+  if labels.shape != (len(images),):
+    raise ValueError(f'{source}: {split} has {len(images)} images but labels of shape {labels.shape}.')
+
+
+def read_cifar10_npz(source: str) -> Splits:
+  """``{'train': ..., 'test': ...}`` from ``train-*-of-*.npz`` (in shard order) and ``test.npz``."""
+  shards = sorted(glob.glob(os.path.join(source, 'train-*-of-*.npz')))
+  test_path = os.path.join(source, 'test.npz')
+  if not shards or not os.path.exists(test_path):
+    raise ValueError(f'{source} must hold train-*-of-*.npz shards and test.npz (keys image, label); '
+                     'pass the right --source.')
+  splits = {}
+  for split, paths in (('train', shards), ('test', [test_path])):
+    parts = [np.load(path) for path in paths]
+    images = np.concatenate([part['image'] for part in parts])
+    labels = np.concatenate([part['label'] for part in parts]).astype(np.int64)
+    _check_split(split, images, labels, source)
+    splits[split] = (images, labels)
+  return splits
+
+
+def read_idx(path: str) -> np.ndarray:
+  """One IDX file (``magic = 0x0000 08 ndim``, big-endian int32 dims, then uint8 data)."""
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    raw = f.read()
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise ValueError(f'{path} is not an uint8 IDX file (magic {raw[:4].hex()}).')
+  ndim = raw[3]
+  dims = np.frombuffer(raw, dtype='>i4', count=ndim, offset=4).astype(np.int64)
+  return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(source: str, stem: str) -> str:
+  for path in (os.path.join(source, stem), os.path.join(source, stem + '.gz')):
+    if os.path.exists(path):
+      return path
+  raise ValueError(f'{source} has no {stem}[.gz]; pass the folder with the four IDX files as --source.')
+
+
+def read_mnist_idx(source: str) -> Splits:
+  """``{'train': ..., 'test': ...}`` from the MNIST-format IDX files; images become [N,28,28,1]."""
+  splits = {}
+  for split, prefix in (('train', 'train'), ('test', 't10k')):
+    images = read_idx(_find(source, f'{prefix}-images-idx3-ubyte'))[..., None]
+    labels = read_idx(_find(source, f'{prefix}-labels-idx1-ubyte')).astype(np.int64)
+    _check_split(split, images, labels, source)
+    splits[split] = (images, labels)
+  return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class Importer:
+  read: Callable[[str], Splits]
+  default_source: Optional[str] = None
+  label_names: Optional[Sequence[str]] = None
+  with_id: bool = False  # the tfds cifar builders also store an 'id' text feature
+
+
+IMPORTERS = {
+    'cifar10': Importer(read_cifar10_npz, '/work/shared/data/cifar10', CIFAR10_CLASSES, with_id=True),
+    'fashion_mnist': Importer(read_mnist_idx, '/usr/share/datasets/fashion-mnist'),
+    'mnist': Importer(read_mnist_idx),
+}
+
+
+def import_command(name: str, data_dir: str) -> str:
+  """The shell command that imports ``name`` into ``data_dir``."""
+  source = IMPORTERS[name].default_source or 'DIR'
+  return f'python -m ghl_jax.train.data.offline {name} --source {source} --data_dir {data_dir}'
+
+
+def _examples(split: str, images: np.ndarray, labels: np.ndarray, with_id: bool) -> Iterator:
+  for index, (image, label) in enumerate(zip(images, labels)):
+    example = {'image': image, 'label': int(label)}
+    if with_id:
+      example['id'] = f'{split}_{index:05d}'
+    yield index, example
+
+
+def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optional[str] = None,
+                   force: bool = False, log: Callable[[str], None] = print) -> str:
+  """Writes ``name`` from ``source`` into ``data_dir`` as tfds would; returns the dataset folder.
+
+  Skips the work when the registered builder already finds the data there, unless ``force``.
+  """
+  import tensorflow_datasets as tfds  # heavy import, kept out of module import
+
+  if name not in IMPORTERS:
+    raise ValueError(f'No offline importer for {name!r}; known: {sorted(IMPORTERS)}.')
+  importer = IMPORTERS[name]
+  source = source or importer.default_source
+  if not source:
+    raise ValueError(f'{name} has no default source folder; pass --source DIR.')
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  registered = tfds.builder(name, data_dir=data_dir)
+  target = str(registered.data_dir)
+  if registered.is_prepared() and not force:
+    log(f'[offline] {name} {registered.version} is already in {target}; nothing to do (--force rewrites).')
+    return target
+  if os.path.isdir(target):
+    log(f'[offline] removing the old {target}')
+    shutil.rmtree(target)
+
+  start = time.time()
+  log(f'[offline] reading {name} from {source}')
+  splits = importer.read(source)
+  for split, (images, labels) in splits.items():
+    log(f'[offline]   {split}: {images.shape} {images.dtype}, labels {labels.min()}..{labels.max()}')
+  features = registered.info.features
+  if importer.label_names is not None:
+    features['label'].names = list(importer.label_names)
+  log(f'[offline] writing {name}:{registered.version} into {data_dir}')
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name=name, version=str(registered.version), features=features, data_dir=data_dir,
+      split_datasets={split: _examples(split, images, labels, importer.with_id)
+                      for split, (images, labels) in splits.items()},
+      description=registered.info.description, homepage=registered.info.homepage,
+      citation=registered.info.citation)
+
+  readback = tfds.builder(name, data_dir=data_dir)
+  counts = {split: readback.info.splits[split].num_examples for split in splits}
+  for split, (images, _) in splits.items():
+    if counts[split] != len(images):
+      raise RuntimeError(f'{name}/{split}: wrote {len(images)} examples but tfds reads {counts[split]}.')
+  log(f'[offline] done in {time.time() - start:.1f}s: {type(readback).__name__} reads {counts} from {target}')
+  return target
+
+
+def is_imported(name: str, data_dir: Optional[str] = None) -> bool:
+  """Whether tfds can read ``name`` from ``data_dir`` without preparing anything."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  try:
+    return tfds.builder(name, data_dir=data_dir).is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m ghl_jax.train.data.offline',
+      description='Import a local dataset copy into a tfds data_dir under its registered tfds name.')
+  parser.add_argument('dataset', choices=sorted(IMPORTERS))
+  parser.add_argument('--source', default=None, help='folder with the local copy (default: per dataset)')
+  parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: $TFDS_DATA_DIR or '
+                      '~/tensorflow_datasets)')
+  parser.add_argument('--force', action='store_true', help='rewrite the dataset if it is already there')
+  parser.add_argument('--check', action='store_true',
+                      help='only report whether the dataset is already in data_dir (exit status 0 or 1)')
+  args = parser.parse_args(argv)
+  if args.check:
+    present = is_imported(args.dataset, args.data_dir)
+    print(f'{args.dataset}: {"present" if present else "missing"} in {args.data_dir or "the default data_dir"}')
+    return 0 if present else 1
+  try:
+    import_dataset(args.dataset, source=args.source, data_dir=args.data_dir, force=args.force)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,219 @@
+"""``train_and_evaluate(config, workdir)``: the one training loop of ghl_jax.
+
+One code path from a laptop to a pod: a ``Mesh`` over all devices with the batch sharded and
+the state replicated; the method's phases (:mod:`ghl_jax.train.methods`), each a jitted, donated step; eval with
+top-1/top-5; orbax checkpoints that always resume from the workdir (the data position is the
+step: batches are a pure function of (seed, step)); metrics to JSONL and TensorBoard; a progress
+line with images/s and ETA; fail-fast on NaN/Inf naming the step and the first bad layer.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ghl_jax import accel
+from ghl_jax import models
+from ghl_jax.train import data as data_lib
+from ghl_jax.train import methods
+from ghl_jax.train import steps as steps_lib
+from ghl_jax.train import validate
+from ghl_jax.train.checkpoint import Checkpointer, check_workdir_identity
+from ghl_jax.train.metrics import MetricWriter, Progress
+
+
+class NumericalError(FloatingPointError):
+  """A NaN or Inf in the loss, gradients or Hebbian terms."""
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A 1-D data-parallel mesh over every device of every process (GSPMD, ``AxisType.Auto``)."""
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def enable_compilation_cache(path: str | None) -> None:
+  """Persistent XLA cache: restarts after preemption skip recompilation."""
+  if path and path != 'None':
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(path))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def build_model(config, num_classes: int):
+  kwargs = dict(config.model.kwargs)
+  kwargs.setdefault('num_classes', num_classes)
+  kwargs['dtype'] = jnp.dtype(config.compute_dtype)
+  try:
+    return models.build(config.model.name, **kwargs)
+  except TypeError as error:
+    raise validate.ConfigError(f'config.model.kwargs does not fit {config.model.name}: {error}') from None
+
+
+def check_batch(batch: dict, image_shape) -> None:
+  """The first batch has the images the model was built for: shape, float dtype, finite."""
+  images = np.asarray(batch['image'])
+  if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+    raise validate.ConfigError(f'Input images have shape {images.shape[1:]} but the dataset info says '
+                               f'{tuple(image_shape)}: check config.data (image_size, name).')
+  if not np.issubdtype(images.dtype, np.floating):
+    raise validate.ConfigError(f'Input images are {images.dtype}, expected floats: set config.data.normalize.')
+  if not np.all(np.isfinite(images)):
+    raise validate.ConfigError('Input images contain NaN or Inf: check the dataset and config.data.normalize.')
+
+
+def _first_fault(faults: dict) -> str | None:
+  """The first non-finite quantity: the loss, else a gradient, else a Hebbian term (by layer path)."""
+  rank = {'loss': 0, 'grad': 1, 'hebb': 2}
+  bad = [key for key, ok in faults.items() if not bool(ok)]
+  return min(bad, key=lambda k: (rank.get(k.split('/')[0], 3), k), default=None)
+
+
+class _Preemption:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    else:
+      self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def evaluate(eval_step, state, config, mesh) -> dict:
+  """Top-1/top-5 accuracy and loss over the whole eval split (every example once)."""
+  sharding = NamedSharding(mesh, P('data'))
+  totals = None
+  for batch in data_lib.eval_batches(config.data, batch_size=config.eval_batch_size,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    batch = jax.make_array_from_process_local_data(sharding, batch)
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'eval/loss': float(totals['loss']) / count, 'eval/top1': float(totals['top1']) / count,
+          'eval/top5': float(totals['top5']) / count}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final metrics."""
+  validate.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  validate.check_workdir(workdir)
+  try:
+    data_lib.ensure_available(config.data)
+  except data_lib.DatasetMissingError:
+    raise
+  except ValueError as error:              # bad data options (augment, normalize, ...)
+    raise validate.ConfigError(str(error)) from None
+  check_workdir_identity(config, workdir, write=jax.process_index() == 0)
+  enable_compilation_cache(config.get('compilation_cache_dir'))
+  conv_impl = config.get('conv_impl', 'auto')
+  try:
+    accel.prepare_host(conv_impl)           # XLA:CPU reuses step buffers instead of re-faulting them
+  except ValueError as error:
+    raise validate.ConfigError(f'config.{error}') from None
+
+  info = data_lib.info(config.data)
+  total, per_epoch, first = methods.budget(config, info.num_train)
+  model = build_model(config, info.num_classes)
+  mesh = make_mesh()
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
+  tx, phases = methods.phases(config, model, sample, total, first)
+
+  def init_state(rng):
+    init_rng, train_rng = jax.random.split(rng)
+    variables = model.init(init_rng, sample, train=False)
+    params = variables['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(params),
+            'rng': train_rng}
+
+  state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  if restored is not None:
+    state = restored
+  start = int(jax.device_get(state['step']))
+  logging.info('%s from step %d of %d (%d steps/epoch, %d devices).',
+               'Resuming' if start else 'Starting', start, total, per_epoch, jax.device_count())
+
+  eval_step = jax.jit(steps_lib.make_eval_step(model, conv_impl), out_shardings=replicated)
+  is_main = jax.process_index() == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+  writer.rewind(start)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
+  preemption = _Preemption()
+  final = {}
+  try:
+    for number, phase in enumerate(phases, 1):
+      if start >= phase.stop:
+        continue
+      first = max(start, phase.start)
+      step_fn = jax.jit(phase.step_fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
+      batches = data_lib.train_batches(config.data, batch_size=phase.batch_size, seed=config.seed,
+                                       start_step=first - phase.start, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+      progress = Progress(total, phase.batch_size, first)
+      tag = {'phase': number} if len(phases) > 1 else {}
+      pending = None                                 # (step, metrics) of the step in flight
+      for step in range(first, phase.stop):
+        local = next(batches)
+        if step == start:
+          check_batch(local, info.image_shape)
+        state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, local))
+        if pending is not None:
+          _report(pending, writer, progress, config, tag)
+        pending = (step + 1, metrics)
+        done = step + 1
+        evaluate_now = phase.evaluates and ((done - phase.start) % eval_every == 0 or done == phase.stop)
+        save_now = done % config.checkpoint_every_steps == 0 or done == total or preemption.requested
+        if evaluate_now or save_now:
+          _report(pending, writer, progress, config, tag)
+          pending = None
+        if evaluate_now:
+          final = evaluate(eval_step, state, config, mesh)
+          writer.write(done, final)
+          if is_main:
+            print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
+        if save_now:
+          ckpt.save(done, state, force=True)
+        if preemption.requested:
+          logging.warning('SIGTERM: checkpointed step %d, stopping.', done)
+          return final
+      if pending is not None:
+        _report(pending, writer, progress, config, tag)
+  finally:
+    ckpt.close()
+    writer.close()
+    preemption.restore()
+  return final
+
+
+def _report(pending, writer, progress, config, tag: dict) -> None:
+  """Checks the finished step for NaN/Inf (one scalar; the per-leaf flags only on a fault), then
+  logs it at ``log_every_steps``."""
+  step, metrics = pending
+  if not bool(jax.device_get(metrics['finite'])):
+    fault = _first_fault(jax.device_get(metrics['faults'])) or 'an unknown quantity'
+    raise NumericalError(f'Non-finite value at step {step} in {fault}: stopping; the last good '
+                         'checkpoint is kept (lower the learning rate or check the inputs).')
+  if step % config.log_every_steps == 0:
+    scalars = jax.device_get({k: v for k, v in metrics.items() if k not in ('finite', 'faults', 'stats')})
+    scalars = {**tag, **scalars, **jax.device_get(metrics['stats'])}
+    writer.write(step, scalars)
+    progress.log(step, {k: scalars[k] for k in ('phase', 'loss', 'accuracy') if k in scalars})

@@ -1,0 +1,138 @@
+"""Training methods as phases: what each method runs, at which batch size, for how many steps.
+
+    ghl       [ghl: GHL train step, batch_size, all steps]
+    bp        [bp: backprop train step, batch_size, all steps]
+    hebbian   [hebbian: unsupervised step, hebbian.batch_size, first steps]
+              [probe: backprop on config.hebbian.trainable only, batch_size, the rest]
+
+One optimizer covers the whole run (the Hebbian baselines keep both phases' states in one, see
+:func:`ghl_jax.hebbian.two_phase`), so one train state and one checkpoint cover every phase. The
+loop (:mod:`ghl_jax.train.loop`) runs the phases in turn and never asks for the method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import optax
+
+from ghl_jax import fused
+from ghl_jax import hebbian as hebbian_lib
+from ghl_jax import optim
+from ghl_jax import transform
+from ghl_jax.rule import Rule
+from ghl_jax.train import steps as steps_lib
+from ghl_jax.train import validate
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Steps ``[start, stop)`` of a run: ``step_fn(state, batch) -> (state, metrics)`` (not yet
+  jitted) on batches of ``batch_size``, whose data stream starts at the phase's first step;
+  ``evaluates``: evaluation every ``eval_every`` steps of the phase and at its end."""
+  name: str
+  step_fn: Callable
+  batch_size: int
+  start: int
+  stop: int
+  evaluates: bool = True
+
+
+def governed_kernels(model, sample, rule: Rule) -> tuple[str, ...]:
+  """Kernel paths ``rule`` selects in ``model``, found by tracing it once (no compute)."""
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
+  layers = fused.find_layers(model.apply, variables, sample, train=False)
+  try:
+    return tuple(fused.selected_kernels(rule, layers, variables['params']))
+  except ValueError as error:
+    raise validate.ConfigError(f'config.ghl.layers: {error}') from None
+
+
+def budget(config, num_train_examples: int) -> tuple[int, int, int]:
+  """``(num_train_steps, steps_per_epoch, unsupervised steps)`` from the config and the dataset size
+  (the last is 0 but for method 'hebbian')."""
+  per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // config.batch_size
+  if per_epoch <= 0:
+    raise validate.ConfigError(f'config.batch_size={config.batch_size} exceeds the {num_train_examples} '
+                               'training examples; lower it.')
+  first = hebbian_steps(config, num_train_examples)
+  steps = config.num_train_steps if config.num_train_steps > 0 else first + int(config.num_epochs * per_epoch)
+  if config.method == 'hebbian' and steps <= first:
+    raise validate.ConfigError(f'{steps} steps in all leave none for the probe after the {first} Hebbian '
+                               'steps: raise config.num_train_steps or lower config.hebbian.num_steps/epochs.')
+  return steps, per_epoch, first
+
+
+def hebbian_steps(config, num_train_examples: int) -> int:
+  """Steps of the unsupervised phase of method 'hebbian' (0 for the other methods):
+  ``config.hebbian.num_steps`` if >= 0, else ``epochs`` passes at ``config.hebbian.batch_size``."""
+  if config.method != 'hebbian':
+    return 0
+  h = config.hebbian
+  if h.num_steps >= 0:
+    return int(h.num_steps)
+  examples = config.steps_per_epoch * config.batch_size if config.steps_per_epoch > 0 else num_train_examples
+  return int(h.epochs * (examples // h.batch_size))
+
+
+def base_optimizer(o, total: int):
+  """The backprop optimizer ``config.optimizer`` names (momentum SGD or Adam) over ``total`` steps."""
+  if o.name == 'momentum_sgd':
+    return optim.momentum_sgd(lr=o.lr, total_steps=total, momentum=o.momentum,
+                              weight_decay=o.weight_decay, nesterov=o.nesterov, warmup_steps=o.warmup_steps)
+  return optim.adam(lr=o.lr, total_steps=total, weight_decay=o.weight_decay)
+
+
+def supervised_optimizer(config, total: int, rule: Optional[Rule], kernels) -> tuple:
+  """``(tx, lr_fns)`` of methods 'ghl' (``rule`` given) and 'bp' (``rule=None``): the paper's
+  two groups (``kernels`` the GHL group) or ``config.optimizer`` with GHL chained before it."""
+  o = config.optimizer
+  ghl_args = dict(direction=config.ghl.direction, magnitude=config.ghl.magnitude)
+  if o.name == 'paper_sgd':
+    tx = optim.paper_sgd(lr=o.lr, lr_conv=o.lr_conv, wd_conv=o.wd_conv, total_steps=total,
+                         kernels=kernels, use_ghl=rule is not None,
+                         **(dict(ghl_args, rule=rule) if rule is not None else {}))
+    return tx, {'ghl': optim.cosine(o.lr_conv, total), 'other': optim.cosine(o.lr, total)}
+  base = base_optimizer(o, total)
+  tx = optax.chain(transform.ghl(rule=rule, **ghl_args), base) if rule is not None else base
+  return tx, {'all': optim.cosine(o.lr, total)}
+
+
+def hebbian_optimizer(config, total: int, rule: Rule, first: int) -> tuple:
+  """``(tx, lr_fns)`` of method 'hebbian': ascent along ``rule``'s terms for the first ``first``
+  steps, then ``config.optimizer`` on the params matching ``config.hebbian.trainable`` (the
+  probe; the rest frozen) for the remaining ``total - first`` steps."""
+  h, o = config.hebbian, config.optimizer
+  probe_steps = total - first
+  if h.probe_schedule == 'halving':
+    probe = hebbian_lib.halving_adam(lr=o.lr, total_steps=probe_steps, weight_decay=o.weight_decay)
+    schedule = hebbian_lib.halving_schedule(o.lr, probe_steps)
+  else:
+    probe, schedule = base_optimizer(o, probe_steps), optim.cosine(o.lr, probe_steps)
+  ascent = hebbian_lib.hebbian_ascent(validate.plain(h.lr), rule=rule, norm_power=h.norm_power)
+  tx = hebbian_lib.two_phase(ascent, hebbian_lib.probe_only(probe, h.trainable))
+  return tx, {'probe': lambda step: schedule(step - first)}
+
+
+def phases(config, model, sample, total: int, first: int) -> tuple[optax.GradientTransformation, list]:
+  """``(tx, [Phase, ...])`` of ``config.method`` over ``total`` steps (``first`` of them
+  unsupervised for method 'hebbian')."""
+  impl, accum, log_every = config.get('conv_impl', 'auto'), config.grad_accum_steps, config.log_every_steps
+  if config.method == 'hebbian':
+    rule = validate.rule_of(config, 'hebbian')
+    rule = rule.replace(layers=governed_kernels(model, sample, rule))
+    tx, lr_fns = hebbian_optimizer(config, total, rule, first)
+    probe = steps_lib.make_train_step(model, tx, rule=None, accum_steps=accum, lr_fns=lr_fns,
+                                      trainable=config.hebbian.trainable, conv_impl=impl, log_every=log_every)
+    return tx, [Phase('hebbian', steps_lib.make_hebbian_step(model, tx, rule=rule, log_every=log_every),
+                      config.hebbian.batch_size, 0, first, evaluates=False),
+                Phase('probe', probe, config.batch_size, first, total)]
+  rule = validate.rule_of(config, 'ghl')
+  kernels = governed_kernels(model, sample, rule)     # bp: the paper's conv group
+  rule = rule.replace(layers=kernels)
+  use = rule if config.method == 'ghl' else None
+  tx, lr_fns = supervised_optimizer(config, total, use, kernels)
+  step = steps_lib.make_train_step(model, tx, rule=use, accum_steps=accum, lr_fns=lr_fns, conv_impl=impl,
+                                   log_every=log_every)
+  return tx, [Phase(config.method, step, config.batch_size, 0, total)]

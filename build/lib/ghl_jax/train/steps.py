@@ -1,0 +1,202 @@
+"""The jitted steps: one readable function each.
+
+A train step (with ``A = grad_accum_steps`` micro-batches of the global batch)::
+
+    for each micro-batch m (unrolled):   (loss_m, aux_m), G_m, H_m = value_and_grad(loss, rule)(θ, x_m)
+                              G += G_m / A,    H += H_m              (raw Hebbian sums)
+    updates = tx.update(G, opt_state, params, hebb=H)      (ghl: sign(G) ⊙ |Ĥ| on its kernels)
+    params += updates
+
+``value_and_grad`` is :func:`ghl_jax.value_and_grad`, the public fused path. Raw Hebbian terms
+add up over micro-batches (and over devices, by XLA), so ``Ĥ`` is the global-batch one whatever
+the sharding or accumulation.
+
+Every step returns what every step needs: the loss, the accuracy and one all-finite flag. The
+per-layer statistics are computed only at log steps and the per-leaf finite flags only when a
+step is not finite (``lax.cond``), so the host fetches one scalar per step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+import ghl_jax
+from ghl_jax import hebbian as hebbian_lib
+from ghl_jax import transform
+from ghl_jax.rule import Rule
+from ghl_jax.tap import tap
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _split(batch, parts):
+  return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), batch)
+
+
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _l2(tree) -> jax.Array:
+  return optax.tree.norm(tree)
+
+
+def _flat(tree) -> dict:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def hebbian_stats(hebb: dict, grads: Any) -> dict:
+  """Per-layer max|H| and the fraction of weights where sign(−H) agrees with sign(G)."""
+  flat = _flat(grads)
+  stats = {}
+  for path, h in hebb.items():
+    name = path.rsplit('/', 1)[0]
+    stats[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
+    stats[f'hebb/{name}/sign_agreement'] = jnp.mean(jnp.sign(-h.term) == jnp.sign(flat[path]))
+  return stats
+
+
+def finite_flags(loss, grads, hebb) -> dict:
+  """``{name: finite}`` in the order a fault is reported: loss, gradients, Hebbian terms."""
+  flags = {'loss': jnp.isfinite(loss)}
+  for path, g in _flat(grads).items():
+    flags[f'grad/{path}'] = jnp.all(jnp.isfinite(g))
+  for path, h in hebb.items():
+    flags[f'hebb/{path}'] = jnp.all(jnp.isfinite(h.term))
+  return flags
+
+
+def when(pred, fn: Callable, *operands):
+  """``fn(*operands)`` where ``pred`` holds, zeros of its shapes elsewhere (computed only then)."""
+  shapes = jax.eval_shape(fn, *operands)
+  zeros = lambda *_: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.lax.cond(pred, fn, zeros, *operands)
+
+
+def checks(step, log_every: int, loss, grads, hebb, stats_fn: Callable) -> dict:
+  """``finite`` (one scalar), ``faults`` (per-leaf flags, only when not finite) and ``stats``
+  (``stats_fn()``, only at log steps: ``step + 1`` a multiple of ``log_every``)."""
+  finite = jnp.all(jnp.stack(jax.tree.leaves(finite_flags(loss, grads, hebb))))
+  return {'finite': finite,
+          'faults': when(jnp.logical_not(finite), finite_flags, loss, grads, hebb),
+          'stats': when((step + 1) % log_every == 0, stats_fn)}
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[Rule],
+                    accum_steps: int = 1, lr_fns: Optional[dict] = None,
+                    trainable: Optional[str] = None, conv_impl: str = 'auto',
+                    log_every: int = 1) -> Callable:
+  """Builds ``train_step(state, batch) -> (state, metrics)``.
+
+  ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``rule`` the
+  :class:`ghl_jax.Rule` of GHL, or ``None`` for plain backprop. ``trainable`` (a regex over
+  param paths) makes it a linear-probe step: backprop stops at the params it does not match,
+  and their BatchNorms use (and keep) their running averages. ``conv_impl`` picks the kernels
+  (:mod:`ghl_jax.accel`).
+  """
+  apply = model.apply
+  if trainable is not None:
+    apply = hebbian_lib.frozen_features(apply, trainable)
+  lr_fns = lr_fns or {}
+
+  def loss_fn(params, batch_stats, images, labels, rng):
+    if trainable is not None:
+      params = hebbian_lib.stop_frozen(params, trainable)
+    variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+    logits, new_state = apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    return cross_entropy(logits, labels), (logits, new_state)
+
+  grad_fn = ghl_jax.value_and_grad(loss_fn, rule, has_aux=True, conv_impl=conv_impl)
+
+  def train_step(state, batch):
+    params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
+    micro = _split(batch, accum_steps)
+    batch_stats, grads, hebb, loss, correct = state['batch_stats'], None, None, 0.0, 0
+    for i in range(accum_steps):          # unrolled: XLA:CPU runs convs inside loops far slower
+      (loss_i, (logits, new_state)), g, h = grad_fn(
+          params, batch_stats, micro['image'][i], micro['label'][i], jax.random.fold_in(rng, i))
+      batch_stats = new_state.get('batch_stats', {})
+      grads, hebb = (g, h) if i == 0 else (_add(grads, g), _add(hebb, h))
+      loss = loss + loss_i
+      correct = correct + jnp.sum(jnp.argmax(logits, -1) == micro['label'][i])
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    loss = loss / accum_steps
+
+    updates, opt_state = tx.update(grads, state['opt_state'], params,
+                                   **({'hebb': hebb} if rule is not None else {}))
+    new_params = optax.apply_updates(params, updates)
+    stats = lambda: {'l2/params': _l2(params), 'l2/grads': _l2(grads), 'l2/updates': _l2(updates),
+                     **{f'lr/{name}': fn(state['step']) for name, fn in lr_fns.items()},
+                     **hebbian_stats(hebb, grads)}
+    metrics = {'loss': loss, 'accuracy': correct / batch['label'].shape[0],
+               **checks(state['step'], log_every, loss, grads, hebb, stats)}
+    new_state = dict(state, step=state['step'] + 1, params=new_params,
+                     batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_hebbian_step(model, tx: optax.GradientTransformation, *, rule: Rule,
+                      log_every: int = 1) -> Callable:
+  """Builds ``hebbian_step(state, batch) -> (state, metrics)``: one unsupervised step.
+
+  One forward pass in train mode (BatchNorm batch statistics, running averages updated, no
+  backprop, labels unused); raw local terms ``H`` of ``rule`` from the taps; then
+  ``tx.update(..., hebb=H)``, e.g. :func:`ghl_jax.hebbian.hebbian_ascent`: ``W_k ← W_k + η_k Ĥ_k``.
+  """
+  apply = tap(model.apply)
+
+  def hebbian_step(state, batch):
+    params = state['params']
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    variables = {'params': params, **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+    (_, new_state), taps = apply(variables, batch['image'], train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': rng})
+    hebb = transform.hebbian_terms(params, taps, rule=rule)
+    template = jax.tree.map(jnp.zeros_like, params)
+    updates, opt_state = tx.update(template, state['opt_state'], params, hebb=hebb)
+    new_params = optax.apply_updates(params, updates)
+
+    def stats():
+      flat = _flat(new_params)
+      out = {'l2/params': _l2(params), 'l2/updates': _l2(updates)}
+      for path, h in hebb.items():
+        name = path.rsplit('/', 1)[0]
+        out[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
+        out[f'hebb/{name}/neuron_norm'] = jnp.mean(hebbian_lib.neuron_norms(flat[path], h.stacked))
+      return out
+    zero = jnp.zeros((), jnp.float32)
+    metrics = checks(state['step'], log_every, zero, {}, hebb, stats)
+    new_state = dict(state, step=state['step'] + 1, params=new_params,
+                     batch_stats=new_state.get('batch_stats', {}), opt_state=opt_state)
+    return new_state, metrics
+
+  return hebbian_step
+
+
+def make_eval_step(model, conv_impl: str = 'auto') -> Callable:
+  """``eval_step(state, batch) -> sums`` of loss, top-1 and top-5 hits over unmasked examples."""
+  apply = ghl_jax.accel.wrap(model.apply, conv_impl)
+
+  def eval_step(state, batch):
+    variables = {'params': state['params'],
+                 **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+    logits = apply(variables, batch['image'], train=False)
+    mask = batch['mask']
+    labels = batch['label']
+    k = min(5, logits.shape[-1])
+    top_k = jax.lax.top_k(logits, k)[1]
+    return {
+        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
+        'top1': jnp.sum((top_k[:, 0] == labels) * mask),
+        'top5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+        'count': jnp.sum(mask),
+    }
+  return eval_step
