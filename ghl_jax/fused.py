@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+import logging
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import flax
 import flax.linen as nn
@@ -134,8 +135,9 @@ _with_term.defvjp(_with_term_fwd, _with_term_bwd)
 
 
 def _layer_term(rule_term, layer):
-  """``(context, u) -> rule(x, u, W, layer)`` on the module's own input and output."""
-  return lambda context, u: rule_term(context['inputs'], u, context['kernel'], layer)
+  """``(context, u) -> rule(x, u, W, layer)`` on the module's own input and output (general
+  linear layers as the dense layer they are, :meth:`ghl_jax.tap.Layer.term`)."""
+  return lambda context, u: layer.term(rule_term, context['inputs'], u, context['kernel'])
 
 
 def _patch_term(rule_term, layer):
@@ -224,18 +226,29 @@ def use(rule: Rule, conv_impl: str = 'auto'):
 # ------------------------------------------------------------------------------------------------
 # Which kernels: one abstract trace of ``fun``.
 
+class Unsupported(NamedTuple):
+  """A layer with a kernel that GHL cannot interpret (e.g. ``nn.ConvLocal``: unshared weights)."""
+  type_name: str
+
+
 def find_layers(fun: Callable, *args, types: tuple = tap_lib.TAPPED_TYPES, **kwargs) -> dict:
-  """``{module path: Layer}`` of every layer of ``types`` that ``fun(*args, **kwargs)`` calls,
-  found by tracing it abstractly (no compute). Array arguments may be abstract
-  (``jax.ShapeDtypeStruct``); every other argument is passed as it is."""
+  """``{module path: Layer}`` of every layer of ``types`` that ``fun(*args, **kwargs)`` calls
+  (:class:`Unsupported` for other modules that own a ``'kernel'`` param), found by tracing it
+  abstractly (no compute). Array arguments may be abstract (``jax.ShapeDtypeStruct``); every
+  other argument is passed as it is."""
   leaves, treedef = jax.tree.flatten((args, kwargs))
   is_array = [isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for leaf in leaves]
   found = {}
 
   def record(next_fun, call_args, call_kwargs, context):
-    if context.method_name == '__call__' and isinstance(context.module, types):
-      found[tuple(context.module.path)] = tap_lib.Layer.of(context.module)
-    return next_fun(*call_args, **call_kwargs)
+    out = next_fun(*call_args, **call_kwargs)
+    module = context.module
+    if context.method_name == '__call__':
+      if isinstance(module, types):
+        found[tuple(module.path)] = tap_lib.Layer.of(module)
+      elif module.has_variable('params', 'kernel'):
+        found.setdefault(tuple(module.path), Unsupported(type(module).__name__))
+    return out
 
   def run(*arrays):
     given = iter(arrays)
@@ -260,19 +273,37 @@ def _kernel_location(params, module_path: tuple) -> Optional[str]:
 
 
 def selected_kernels(rule: Rule, layers: dict, params) -> dict:
-  """``{kernel path in params: (rule path, stacked axes)}`` of the layers ``rule`` selects."""
+  """``{kernel path in params: (rule path, stacked axes)}`` of the layers ``rule`` selects.
+
+  A kernel GHL cannot interpret is an error when ``rule.layers`` names it, and is logged once
+  as skipped by the default selection."""
   flat = _flat(params)
-  chosen = {}
+  chosen, skipped = {}, []
   for module_path, layer in layers.items():
     rule_path = '/'.join(module_path + ('kernel',))
     where = _kernel_location(params, module_path)
-    if where is None or not rule.selects(rule_path, layer.is_conv):
+    if where is None:
       continue
-    chosen[where] = (rule_path, flat[where].ndim - layer.kernel_ndim)
+    if isinstance(layer, Unsupported):
+      if rule.layers is not None and rule.selects(rule_path, False):
+        raise ValueError(f'Rule layers={rule.layers!r} selects {rule_path}, the kernel of an '
+                         f'nn.{layer.type_name}, which GHL cannot interpret; leave it out of layers=.')
+      skipped.append(f'{rule_path} ({layer.type_name})')
+      continue
+    if rule.selects(rule_path, layer.is_conv):
+      chosen[where] = (rule_path, flat[where].ndim - layer.kernel_ndim)
   if rule.layers is not None and not chosen:
-    known = ['/'.join(p + ('kernel',)) for p in layers]
+    known = ['/'.join(p + ('kernel',)) for p, layer in layers.items() if not isinstance(layer, Unsupported)]
     raise ValueError(f'Rule layers={rule.layers!r} selects no tapped kernel; tapped kernels are {known}.')
+  if skipped:
+    _log_skipped(tuple(skipped))
   return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _log_skipped(skipped: tuple) -> None:
+  logging.getLogger('ghl_jax').warning('GHL skips kernels it cannot interpret (they train by '
+                                       'backprop): %s', ', '.join(skipped))
 
 
 # ------------------------------------------------------------------------------------------------

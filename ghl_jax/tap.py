@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ghl_jax import linear_view
+
 COLLECTION = 'intermediates'
-TAPPED_TYPES = (nn.Conv, nn.Dense)
+TAPPED_TYPES = (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum, nn.ConvTranspose)
+GENERAL_TYPES = (nn.DenseGeneral, nn.Einsum)     # read as the dense layer they are (linear_view)
 _IGNORED_FIELDS = ('parent', 'name', 'use_bias', 'bias_init', 'kernel_init', 'dtype',
-                   'param_dtype', 'precision', 'promote_dtype',
+                   'param_dtype', 'precision', 'promote_dtype', 'preferred_element_type',
+                   'dot_general', 'dot_general_cls',
                    'conv_general_dilated', 'conv_general_dilated_cls')   # how, not what
 
 
@@ -71,10 +76,31 @@ class Layer:
   @property
   def kernel_ndim(self) -> int:
     """Rank of one (unstacked) kernel of this layer."""
-    if self.is_conv:
-      size = dict(self.fields)['kernel_size']
-      return (len(size) if isinstance(size, tuple) else 1) + 2
+    fields = dict(self.fields)
+    count = lambda value: len(value) if isinstance(value, tuple) else 1
+    if 'kernel_size' in fields:
+      return count(fields['kernel_size']) + 2
+    if issubclass(self.module_type, nn.DenseGeneral):
+      return count(fields['batch_dims']) + count(fields['axis']) + count(fields['features'])
+    if issubclass(self.module_type, nn.Einsum):
+      return len(fields['shape'])
     return 2
+
+  def spec(self, x_ndim: int) -> linear_view.Spec:
+    """The einsum of a general linear layer (``nn.DenseGeneral``, ``nn.Einsum``) on a rank-``x_ndim`` input."""
+    fields = dict(self.fields)
+    if issubclass(self.module_type, nn.Einsum):
+      return linear_view.einsum_spec(fields['einsum_str'])
+    return linear_view.dense_general_spec(x_ndim, fields['features'], fields['axis'], fields['batch_dims'])
+
+  def term(self, rule: Callable, x: jax.Array, u: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``rule(x, u, kernel, layer)`` of this layer: directly for Dense and convolutions; for
+    ``nn.DenseGeneral`` / ``nn.Einsum`` on the dense layer it is (:mod:`ghl_jax.linear_view`)."""
+    if not issubclass(self.module_type, GENERAL_TYPES):
+      return rule(x, u, kernel, self)
+    spec = self.spec(x.ndim)
+    features = math.prod(s for c, s in zip(spec.kernel, kernel.shape) if c not in spec.x)
+    return linear_view.evaluate(rule, Layer(nn.Dense, (('features', features),)), spec, x, u, kernel)
 
   def linear_module(self) -> nn.Module:
     """The layer without bias, in float32: ``u = f(x; W)`` is linear in ``W``."""

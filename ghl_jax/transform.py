@@ -87,7 +87,8 @@ def hebbian_terms(params: Any, taps: Mapping, *, rule: Union[Rule, str, Callable
       continue
     layer = entry['layer']
     stacked = kernel.ndim - layer.kernel_ndim
-    fn = rule.term(path)
+    rule_term = rule.term(path)
+    fn = lambda x, u, w, layer: layer.term(rule_term, x, u, w)
     for _ in range(stacked):
       fn = jax.vmap(fn, in_axes=(0, 0, 0, None))
     calls = entry['inputs'], entry['outputs']
