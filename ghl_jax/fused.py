@@ -109,7 +109,7 @@ def _zeros(tree):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _with_term(u, probe, context, term, forward):
+def with_term(u, probe, context, term, forward):
   """``u`` unchanged; ``probe``'s cotangent is ``term(context, u)`` (no cotangent to context)."""
   del probe, context, term, forward
   return u
@@ -131,10 +131,10 @@ def _with_term_bwd(term, forward, residuals, cotangent):
   return cotangent, h, zeros
 
 
-_with_term.defvjp(_with_term_fwd, _with_term_bwd)
+with_term.defvjp(_with_term_fwd, _with_term_bwd)
 
 
-def _layer_term(rule_term, layer):
+def layer_term(rule_term, layer):
   """``(context, u) -> rule(x, u, W, layer)`` on the module's own input and output (general
   linear layers as the dense layer they are, :meth:`ghl_jax.tap.Layer.term`)."""
   return lambda context, u: layer.term(rule_term, context['inputs'], u, context['kernel'])
@@ -208,7 +208,7 @@ def _interceptor(rule: Rule, gemm: bool, types: tuple):
         return u
     else:
       u = next_fun(*args, **kwargs)
-    return _with_term(u, probe, {'inputs': inputs, 'kernel': kernel}, _layer_term(rule_term, layer),
+    return with_term(u, probe, {'inputs': inputs, 'kernel': kernel}, layer_term(rule_term, layer),
                       forward)
   return intercept
 

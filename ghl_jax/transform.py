@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import flax
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
@@ -170,8 +171,17 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
 
 
 def _as_dict(tree):
-  return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+  """A plain nested dict of a params-like tree (dict, FrozenDict, or an ``nnx.State``)."""
+  if isinstance(tree, flax.core.FrozenDict):
+    return flax.core.unfreeze(tree)
+  if isinstance(tree, nnx.State):
+    return nnx.to_pure_dict(tree)
+  return tree
 
 
 def _like(template, tree):
-  return flax.core.freeze(tree) if isinstance(template, flax.core.FrozenDict) else tree
+  if isinstance(template, flax.core.FrozenDict):
+    return flax.core.freeze(tree)
+  if isinstance(template, nnx.State):
+    return nnx.State(tree)
+  return tree

@@ -1,0 +1,140 @@
+"""GHL on flax NNX models equals GHL on the same linen model with the same weights.
+
+The linen path is itself checked against numpy references (test_rules, test_value_and_grad,
+test_general_layers); here the same weights are copied into an NNX model and the Hebbian terms and
+the whole optimizer update (``nnx.Optimizer`` with ``ghl()``) must agree to rtol 1e-5.
+"""
+from flax import nnx, traverse_util
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ghl_jax
+
+RULE = ghl_jax.Rule('softmax_oja', t_inv={'conv2': 0.65}, layers=r'conv|head')
+
+
+class LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding='SAME', name='conv1')(x))
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2, padding=1, feature_group_count=2, name='conv2')(x))
+    return nn.Dense(3, name='head')(x.mean(axis=(1, 2)))
+
+
+class NnxCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1 = nnx.Conv(2, 4, (3, 3), padding='SAME', rngs=rngs)
+    self.conv2 = nnx.Conv(4, 6, (3, 3), strides=2, padding=1, feature_group_count=2, rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv1(x))
+    x = nnx.relu(self.conv2(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+class LinenBlock(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Dense(8, name='embed')(tokens)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, name='attn')(x)
+    x = x + nn.DenseGeneral((2, 4), name='mlp')(x).reshape(x.shape)
+    return nn.Dense(3, name='head')(x.mean(axis=1))
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Linear(4, 8, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=rngs)
+    self.mlp = nnx.LinearGeneral(8, (2, 4), rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    x = x + self.attn(x)
+    x = x + self.mlp(x).reshape(x.shape)
+    return self.head(x.mean(axis=1))
+
+
+def _copy_into(model, linen_params):
+  """The NNX model with the linen weights (same paths and shapes)."""
+  state = nnx.state(model, nnx.Param)
+  flat = {'/'.join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  source = {'/'.join(k): v for k, v in traverse_util.flatten_dict(linen_params).items()}
+  assert sorted(flat) == sorted(source), (sorted(flat), sorted(source))
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({tuple(k.split('/')): source[k] for k in flat}))
+  nnx.update(model, state)
+  return model
+
+
+CASES = {
+    'cnn': (LinenCNN, NnxCNN, (2, 6, 6, 2), RULE),
+    'attention_mlp': (LinenBlock, NnxBlock, (2, 5, 4),
+                      ghl_jax.Rule('softmax_oja', t_inv=0.5, layers=r'attn/(query|key|value|out)|mlp|head')),
+}
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_nnx_ghl_update_equals_linen(case):
+  linen_cls, nnx_cls, shape, rule = CASES[case]
+  x = jax.random.normal(jax.random.key(0), shape)
+  labels = jnp.array([0, 2])
+  linen_model = linen_cls()
+  params = linen_model.init(jax.random.key(1), x)['params']
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
+  model = _copy_into(nnx_cls(nnx.Rngs(0)), params)
+  np.testing.assert_allclose(model(x), linen_model.apply({'params': params}, x), rtol=1e-5, atol=1e-6)
+  make_tx = lambda: optax.chain(ghl_jax.ghl(rule=rule), optax.add_decayed_weights(0.05), optax.sgd(0.1))
+
+  def linen_loss(p):
+    logits = linen_model.apply({'params': p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss, grads, hebb = jax.jit(ghl_jax.value_and_grad(linen_loss, rule))(params)
+  tx = make_tx()
+  updates, _ = tx.update(grads, tx.init(params), params, hebb=hebb)
+  expected = optax.apply_updates(params, updates)
+
+  def nnx_loss(model):
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), labels).mean()
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads, hebb = ghl_jax.nnx.value_and_grad(nnx_loss, rule)(model)
+    optimizer.update(model, grads, hebb=hebb)
+    return loss, hebb
+  nnx_loss_value, nnx_hebb = step(model, optimizer)
+  np.testing.assert_allclose(nnx_loss_value, loss, rtol=1e-5)
+  assert sorted(nnx_hebb) == sorted(hebb)
+  for path, term in hebb.items():
+    np.testing.assert_allclose(nnx_hebb[path].term, term.term, rtol=1e-5, atol=1e-6 * float(jnp.abs(term.term).max()),
+                               err_msg=path)
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got,
+               jax.tree.map(np.asarray, expected))
+
+
+def test_nnx_taps_give_the_linen_terms():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  params = LinenCNN().init(jax.random.key(1), x)['params']
+  model = _copy_into(NnxCNN(nnx.Rngs(0)), params)
+  _, taps = ghl_jax.nnx.tap(lambda m, x: m(x))(model, x)
+  assert sorted(taps) == ['conv1', 'conv2', 'head']
+  nnx_terms = ghl_jax.hebbian_terms(nnx.to_pure_dict(nnx.state(model, nnx.Param)), taps, rule=RULE)
+  _, linen_taps = ghl_jax.tap(LinenCNN().apply)({'params': params}, x)
+  linen_terms = ghl_jax.hebbian_terms(params, linen_taps, rule=RULE)
+  for path, term in linen_terms.items():
+    np.testing.assert_allclose(nnx_terms[path].term, term.term, rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_errors_are_one_line():
+  model = NnxCNN(nnx.Rngs(0))
+  loss = lambda m: jnp.sum(m(jnp.ones((1, 4, 4, 2))))
+  with pytest.raises(ValueError, match='selects no NNX layer'):
+    ghl_jax.nnx.value_and_grad(loss, ghl_jax.Rule(layers='nothing'))(model)
+  with pytest.raises(TypeError, match='ghl_jax.Rule'):
+    ghl_jax.nnx.value_and_grad(loss, 'softmax_oja')
