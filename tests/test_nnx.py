@@ -138,3 +138,16 @@ def test_nnx_errors_are_one_line():
     ghl_jax.nnx.value_and_grad(loss, ghl_jax.Rule(layers='nothing'))(model)
   with pytest.raises(TypeError, match='ghl_jax.Rule'):
     ghl_jax.nnx.value_and_grad(loss, 'softmax_oja')
+
+
+def test_readme_nnx_example_trains():
+  readme = (__import__('pathlib').Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  block = readme[readme.index('## NNX models'):]
+  start = block.index('```python') + len('```python')
+  namespace = {}
+  exec(block[start:block.index('```', start)], namespace)  # pylint: disable=exec-used
+  images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  labels = jnp.arange(4)
+  losses = [float(namespace['train_step'](namespace['model'], namespace['optimizer'], images, labels))
+            for _ in range(3)]
+  assert losses[-1] < losses[0]
