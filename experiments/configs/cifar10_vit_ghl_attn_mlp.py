@@ -1,0 +1,6 @@
+"""CIFAR10 · CPU-sized ViT-Tiny · ghl on 'attn_mlp' kernels (see transformer.vit_cifar)."""
+from experiments.configs import transformer
+
+
+def get_config(arg=None):
+  return transformer.vit_cifar('ghl', 'attn_mlp', arg)
