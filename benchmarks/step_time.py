@@ -47,9 +47,9 @@ import ghl_jax
 from benchmarks import loops
 from ghl_jax import models, optim, transform
 from ghl_jax.kernels import host_memory
-from ghl_jax.train import steps
+from ghl_jax.train import steps, summary
 from ghl_jax.models import deephebb
-from ghl_jax.tap import Layer, entries, tap
+from ghl_jax.tap import tap
 
 DEEPHEBB_T_INV = {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}
 
@@ -127,23 +127,9 @@ def xla_flops(compiled) -> float:
   return float((analysis or {}).get('flops', float('nan')))
 
 
-def _fan_in(layer: Layer, inputs) -> int:
-  fields = dict(layer.fields)
-  if not layer.is_conv:
-    return inputs.shape[-1]
-  size = fields['kernel_size']
-  size = (size,) if isinstance(size, int) else size
-  return math.prod(size) * inputs.shape[-1] // fields.get('feature_group_count', 1)
-
-
 def layer_flops(taps) -> dict:
-  """``{kernel_path: forward FLOPs}`` (``2·|u|·fan_in`` summed over calls)."""
-  out = {}
-  for path, entry in entries(taps):
-    calls = zip(*(entry[k] if isinstance(entry[k], tuple) else (entry[k],) for k in ('inputs', 'outputs')))
-    out[transform.kernel_path(path)] = sum(2 * math.prod(u.shape) * _fan_in(entry['layer'], x)
-                                           for x, u in calls)
-  return out
+  """``{kernel_path: forward FLOPs}`` (``2·|u|·fan_in`` summed over calls, :mod:`ghl_jax.train.summary`)."""
+  return {transform.kernel_path(path): flops for path, flops in summary.layer_flops(taps).items()}
 
 
 def model_flops(model, batch, ghl_layers=None) -> dict:

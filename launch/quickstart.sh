@@ -2,9 +2,13 @@
 # Main job: DeepHebb (width 1/4) on Fashion-MNIST trained with GHL and with end-to-end BP,
 # then both test accuracies, training curves and receptive fields.
 # Usage: bash launch/quickstart.sh [WORKDIR]     (default: workdirs/quickstart; resumes if present)
-# Env: QUICKSTART_STEPS (default 600) trades time for accuracy.
+# Env: QUICKSTART_STEPS (default 600) trades time for accuracy; GHL_VERBOSE=1 shows the
+#      libraries' INFO logs (TensorFlow, absl/orbax/tfds), which are off by default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${GHL_VERBOSE:-0}" = 1 ]; then
+  export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-0}"
+fi
 source launch/setup_env.sh
 WORKDIR="${1:-workdirs/quickstart}"
 STEPS="${QUICKSTART_STEPS:-600}"
@@ -12,22 +16,31 @@ DATA_DIR="${TFDS_DATA_DIR:-$PWD/tfds_data}"
 export TFDS_DATA_DIR="$DATA_DIR"
 mkdir -p "$WORKDIR"
 
+# TensorFlow's start-up INFO lines off unless GHL_VERBOSE=1 (experiments/main.py does the same).
+quiet() {
+  if [ "${GHL_VERBOSE:-0}" = 1 ]; then "$@"; else "$@" 2> >(python -m experiments.quiet >&2); fi
+}
+
 # Fashion-MNIST: already imported, else tfds download when online, else Debian's package.
 if ! python -m ghl_jax.train.data.offline fashion_mnist --data_dir "$DATA_DIR" --check 2>/dev/null; then
-  if python -c "import urllib.request; urllib.request.urlopen('https://storage.googleapis.com', timeout=5)" 2>/dev/null \
-     && python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()"; then
+  echo "[quickstart] downloading Fashion-MNIST with tfds (log: $WORKDIR/tfds_download.log)"
+  if python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()" \
+       >"$WORKDIR/tfds_download.log" 2>&1; then
     echo "[quickstart] Fashion-MNIST downloaded by tfds into $DATA_DIR"
   else
+    echo "[quickstart] tfds could not download Fashion-MNIST (offline?); trying Debian's dataset-fashion-mnist"
     if [ ! -d /usr/share/datasets/fashion-mnist ]; then
       if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        apt-get install -y -q dataset-fashion-mnist >/dev/null || true
+        if ! { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; } >"$WORKDIR/apt.log" 2>&1; then
+          echo "[quickstart] apt-get could not install dataset-fashion-mnist (log: $WORKDIR/apt.log)" >&2
+        fi
       fi
     fi
     if [ ! -d /usr/share/datasets/fashion-mnist ]; then
       echo "[quickstart] Fashion-MNIST is not available offline: install Debian's package (sudo apt-get install dataset-fashion-mnist) or go online." >&2
       exit 1
     fi
-    python -m ghl_jax.train.data.offline fashion_mnist --source /usr/share/datasets/fashion-mnist --data_dir "$DATA_DIR"
+    quiet python -m ghl_jax.train.data.offline fashion_mnist --source /usr/share/datasets/fashion-mnist --data_dir "$DATA_DIR"
   fi
 fi
 
@@ -37,7 +50,7 @@ for METHOD in ghl bp; do
     --config.data.data_dir="$DATA_DIR" --workdir="$WORKDIR/$METHOD"
 done
 
-python - "$WORKDIR" <<'PY'
+quiet python - "$WORKDIR" <<'PY'
 import sys
 from ghl_jax.train import metrics, plots
 workdir = sys.argv[1]

@@ -2,6 +2,8 @@
 
 Each process simulates its devices on the CPU and joins the others through gloo collectives,
 exactly as ``launch/`` scripts start processes on several hosts (``ghl_jax.distributed``).
+WORKDIR may list several workdirs joined by ``os.pathsep``: they are trained one after the other
+by the same processes (one start-up for several runs).
 """
 import json
 import os
@@ -18,8 +20,9 @@ def main(process_id, num_processes, port, workdir, config_json):
   distributed.initialize()
   config = common.base()
   config.update_from_flattened_dict(json.loads(config_json))
-  metrics = train.train_and_evaluate(config, workdir)
-  print('FINAL ' + json.dumps(metrics), flush=True)
+  for one in workdir.split(os.pathsep):
+    metrics = train.train_and_evaluate(config, one)
+    print('FINAL ' + json.dumps(metrics), flush=True)
 
 
 if __name__ == '__main__':

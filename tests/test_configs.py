@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from ghl_jax import models
@@ -12,7 +14,15 @@ from ghl_jax.train import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, 'experiments', 'configs', '*.py'))
-                 if os.path.basename(p) not in ('__init__.py', 'common.py', 'recipes.py', 'baselines.py'))
+                 if 'def get_config(' in open(p).read())              # not the recipe modules
+QUICKSTART = os.path.join(REPO, 'experiments', 'configs', 'quickstart.py')
+
+# Model -> (its first conv, that conv's output channels by default: at width 1, or ViT's hidden_dim).
+FIRST_CONV = {'deephebb': ('conv1', 96), 'deephebb_softhebb': ('conv1', 96), 'fasthebb': ('conv1', 96),
+              'vgg16': ('conv1_1', 64), 'resnet18': ('stem_conv', 64), 'resnet50': ('stem_conv', 64),
+              **{f'resnet{depth}': ('stem_conv', 16) for depth in models.CIFAR_RESNET_DEPTHS},
+              'vit_tiny': ('patch_conv', 192), 'vit_b16': ('patch_conv', 768)}
+IMAGE_SIZES = {'fashion_mnist': 28, 'cifar10': 32, 'cifar100': 32}
 
 
 def load(path, arg=None):
@@ -39,6 +49,62 @@ def test_paper_recipe_values():
   assert dict(dh.ghl.t_inv) == {'conv1': 1.0, 'conv2': 0.65, 'conv3': 0.25}
   fh = load(os.path.join(REPO, 'experiments', 'configs', 'cifar100_fasthebb_bp.py'))
   assert (fh.optimizer.lr_conv, fh.optimizer.wd_conv, fh.optimizer.lr, fh.method) == (5e-2, 1e-2, 1e-4, 'bp')
+
+
+def first_conv_kernel(config) -> tuple:
+  """Kernel shape of the first conv of the model ``config`` describes, traced (no compute)."""
+  model = models.build(config.model.name, **config.model.kwargs)
+  size = config.data.get('image_size') or IMAGE_SIZES[config.data.name]
+  images = jax.ShapeDtypeStruct((1, size, size, 1 if config.data.name == 'fashion_mnist' else 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  return variables['params'][FIRST_CONV[config.model.name][0]]['kernel'].shape
+
+
+def declared_channels(config) -> int:
+  """First-conv channels the config declares: ViT's ``hidden_dim``, else the default times ``width``."""
+  kwargs, default = config.model.kwargs, FIRST_CONV[config.model.name][1]
+  if config.model.name.startswith('vit'):
+    return kwargs.get('hidden_dim', default)
+  return max(1, round(default * kwargs.get('width', 1.0)))
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_model_has_the_width_its_config_declares(path):
+  config = load(path)
+  assert first_conv_kernel(config)[-1] == declared_channels(config), dict(config.model.kwargs)
+
+
+@pytest.mark.parametrize('arg, channels', [(None, 24), ('width=0.5', 48), ('runlocal', 12)])
+def test_quickstart_trains_deephebb_at_its_own_width(arg, channels):
+  config = load(QUICKSTART, arg)
+  assert (config.model.name, config.data.name) == ('deephebb', 'fashion_mnist')
+  assert first_conv_kernel(config) == (5, 5, 1, channels)         # 96 * width, one gray channel
+
+
+@pytest.mark.parametrize('arg, runlocal', [
+    ('runlocal', True), ('runlocal=true', True), ('runlocal=YES', True), ('runlocal=1', True),
+    ('runlocal=False', False), ('runlocal=no', False), ('runlocal=0', False), (None, False)])
+def test_boolean_switch_reads_true_and_false(arg, runlocal):
+  assert load(QUICKSTART, arg).num_train_steps == (60 if runlocal else 600)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=os.path.basename)
+def test_runlocal_false_is_the_full_run(path):
+  assert load(path, 'runlocal=false').to_dict() == load(path).to_dict()
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('runlocal=maybe', "runlocal='maybe' is not a boolean: use true/false, 1/0, yes/no"),
+    ('runlocal=', "runlocal='' is not a boolean"),
+    ('steps=many', "steps='many' is not of type int"),
+    ('width=wide', "width='wide' is not of type float"),
+    ('steps', 'steps needs a value'),
+    ('steps=-5', 'steps=-5 must be >= 1'),
+])
+def test_bad_switch_value_is_one_line(arg, message):
+  with pytest.raises(ValueError) as error:
+    load(QUICKSTART, arg)
+  assert message in str(error.value) and '\n' not in str(error.value), str(error.value)
 
 
 def test_unknown_switch_is_refused():

@@ -241,6 +241,19 @@ HOSTILE = [
     ({'data.augment': 'mixup'}, 'augment'),
     ({'data.normalize': 'zscore'}, 'normalize'),
     ({'model.kwargs.depth': 3}, 'config.model.kwargs does not fit'),
+    # Step counts: -1 is the only 'unset' value; no other negative count means 'use epochs'.
+    ({'num_train_steps': -5}, 'config.num_train_steps must be an integer >= 1, or -1 to train config.num_epochs'),
+    ({'num_train_steps': -2, 'num_epochs': 0}, 'config.num_train_steps must be an integer >= 1'),
+    ({'steps_per_epoch': 0}, 'config.steps_per_epoch must be an integer >= 1, or -1'),
+    ({'steps_per_epoch': -4}, 'config.steps_per_epoch must be an integer >= 1, or -1'),
+    ({'eval_every_steps': 0}, 'config.eval_every_steps must be an integer >= 1, or -1 to evaluate once per epoch'),
+    ({'eval_every_steps': -3}, 'config.eval_every_steps must be an integer >= 1, or -1'),
+    ({'log_every_steps': 0}, 'config.log_every_steps must be an integer >= 1;'),
+    ({'log_every_steps': -1}, 'config.log_every_steps must be an integer >= 1;'),
+    ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps must be an integer >= 1;'),
+    ({'checkpoint_every_steps': -500}, 'config.checkpoint_every_steps must be an integer >= 1;'),
+    ({'hebbian.num_steps': -2}, 'config.hebbian.num_steps must be an integer >= 0, or -1 to train config.hebbian.epochs'),
+    ({'hebbian.num_steps': 2.5}, 'config.hebbian.num_steps must be an integer >= 0'),
 ]
 
 
@@ -290,10 +303,24 @@ def test_bad_images_fail_before_training(tiny_tfds, reference, tmp_path, monkeyp
 
 def test_cli_hostile_command_lines(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  ghl, quickstart = 'experiments/configs/cifar10_deephebb_ghl.py', 'experiments/configs/quickstart.py'
   cases = [
       (['--config=experiments/configs/no_such.py', f'--workdir={tmp_path}'], 'no_such.py'),
       (['--config=experiments/configs/cifar10_deephebb_ghl.py', '--config.no_such_field=1',
         f'--workdir={tmp_path}'], 'no_such_field'),
+      (['--config', 'experiments/configs/no_such.py:runlocal', '--config.batch_size=8',
+        f'--workdir={tmp_path}'], 'no_such.py'),
+      ([f'--config={ghl}', '--config.ghl.no_such_field=1', f'--workdir={tmp_path}'], 'no_such_field'),
+      ([f'--config={quickstart}:runlocal=maybe', f'--workdir={tmp_path}'], 'true/false, 1/0, yes/no'),
+      ([f'--config={quickstart}:steps=many', f'--workdir={tmp_path}'], "steps='many' is not of type int"),
+      ([f'--config={ghl}:runlokal', f'--workdir={tmp_path}'], 'Unknown config switch'),
+      ([f'--config={ghl}', '--config.batch_size=abc', f'--workdir={tmp_path}'], 'config.batch_size'),
+      ([f'--config={ghl}', '--config.force=maybe', f'--workdir={tmp_path}'], 'config.force'),
+      ([f'--config={ghl}', '--config.num_train_steps=-5', f'--workdir={tmp_path}'],
+       'config.num_train_steps must be an integer >= 1, or -1'),
+      ([f'--workdir={tmp_path}'], '--config'),
+      ([f'--config={ghl}'], '--workdir'),
+      ([f'--config={ghl}', f'--workdir={tmp_path}', 'extra'], 'Unexpected arguments: extra'),
   ]
   for args, word in cases:
     result = subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=REPO, env=env,
@@ -301,6 +328,8 @@ def test_cli_hostile_command_lines(tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert word in last, result.stderr[-2000:]
+    assert last.startswith('error: ') and 'Traceback' not in result.stderr, result.stderr[-2000:]
+    assert not os.listdir(tmp_path), args                 # refused before anything was written
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A config file defines ``get_config(arg=None)`` returning an ``ml_collections.ConfigDict``;
 ``arg`` is the text after ``:`` in ``--config=file.py:runlocal`` (comma-separated switches).
-``runlocal`` shrinks any config to run on a laptop CPU in minutes.
+``runlocal`` (or ``runlocal=true``; booleans read true/false/1/0/yes/no) shrinks any config to
+run on a laptop CPU in minutes.
 """
 from __future__ import annotations
 
@@ -32,14 +33,45 @@ PAPER = {
 }
 
 
+TRUE_WORDS, FALSE_WORDS = ('true', '1', 'yes'), ('false', '0', 'no')
+
+
+def parse_bool(text, name: str) -> bool:
+  """``true/false/1/0/yes/no`` (any case) as a bool; any other text is refused."""
+  word = str(text).strip().lower()
+  if word in TRUE_WORDS or word in FALSE_WORDS:
+    return word in TRUE_WORDS
+  words = ', '.join(f'{yes}/{no}' for yes, no in zip(TRUE_WORDS, FALSE_WORDS))
+  raise ValueError(f'{name}={text!r} is not a boolean: use {words} (any case).')
+
+
+def _switch(key: str, text: str | None, default):
+  """The value of switch ``key`` from ``text`` (None: the bare ``key``), typed as ``default``."""
+  if isinstance(default, bool):
+    return True if text is None else parse_bool(text, f'Config switch {key}')
+  if text is None:
+    raise ValueError(f'Config switch {key} needs a value: write {key}=VALUE (default {default!r}).')
+  if default is None or isinstance(default, str):
+    return text
+  try:
+    return type(default)(text)
+  except ValueError:
+    raise ValueError(f'Config switch {key}={text!r} is not of type {type(default).__name__} '
+                     f'(default {default!r}).') from None
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """``'runlocal,method=bp'`` → ConfigDict(runlocal=True, method='bp') over ``defaults``."""
+  """``'runlocal,method=bp'`` → ConfigDict(runlocal=True, method='bp') over ``defaults``.
+
+  A switch takes the type of its default; booleans read only true/false/1/0/yes/no (any case),
+  and a bare boolean switch is True.
+  """
   out = dict(defaults)
   for item in filter(None, (arg or '').split(',')):
-    key, _, value = item.partition('=')
+    key, has_value, value = item.partition('=')
     if key not in out:
       raise ValueError(f'Unknown config switch {key!r}; known switches: {sorted(out)}.')
-    out[key] = True if not value else type(out[key])(value) if out[key] is not None else value
+    out[key] = _switch(key, value if has_value else None, defaults[key])
   return ml_collections.ConfigDict(out)
 
 
@@ -57,8 +89,9 @@ def base() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.eval_batch_size = 256
   c.num_epochs = 100
-  c.num_train_steps = -1                 # > 0 overrides num_epochs
-  c.steps_per_epoch = -1                 # > 0 overrides the dataset size (tests, mock data)
+  # Step counts: -1 is the one 'unset' value (the comment says what it means); others are >= 1.
+  c.num_train_steps = -1                 # -1: num_epochs epochs; > 0 overrides num_epochs
+  c.steps_per_epoch = -1                 # -1: from the dataset size; > 0 overrides it (tests, mock data)
   c.grad_accum_steps = 1
   c.compute_dtype = 'float32'            # or 'bfloat16'; params and Hebbian terms stay float32
   c.conv_impl = 'auto'                   # 'xla' | 'gemm' (conv backward as GEMMs); 'auto': gemm on CPU
@@ -77,23 +110,26 @@ def base() -> ml_collections.ConfigDict:
       'rule': 'softhebb', 't_inv': 1.0, 'rule_kwargs': ml_collections.ConfigDict(),
       'lr': 0.01,                        # float or {module path or regex: float}
       'norm_power': placeholder(float),  # SoftHebb's rate lr·(|‖W_k‖−1|+1e-10)^p; None: constant lr
-      'epochs': 1.0, 'num_steps': -1,    # num_steps >= 0 overrides epochs
+      'epochs': 1.0, 'num_steps': -1,    # -1: epochs passes; num_steps >= 0 overrides epochs
       'batch_size': 10,
       'trainable': r'classifier',        # regex of the params the probe trains (the rest frozen)
       'probe_schedule': 'cosine',        # or 'halving' (Adam halved at 20/35/50/60/70/80/90 %)
   }, type_safe=False)                    # lr and t_inv may become per-layer mappings
-  c.log_every_steps = 50
-  c.eval_every_steps = -1                # -1: once per epoch
-  c.checkpoint_every_steps = 500
+  c.log_every_steps = 50                 # >= 1
+  c.eval_every_steps = -1                # -1: once per epoch; else >= 1
+  c.checkpoint_every_steps = 500         # >= 1
   c.keep_checkpoints = 2
   c.compilation_cache_dir = '~/.cache/ghl_jax/xla'  # '' disables the persistent cache
   c.force = False                        # resume a workdir written by a different model/dataset
+  c.profile_steps = placeholder(object)  # '10,12' or [10, 12]: jax.profiler trace of steps 10-12 in WORKDIR/profile
   c.sweep = ()                           # list of override dicts, expanded by launch/sweep.py
   return c
 
 
 def paper_recipe(c: ml_collections.ConfigDict, model: str) -> None:
-  """The authors' hyper-parameters (README of their code): batch 64, 100 epochs, cosine."""
+  """The authors' hyper-parameters (README of their code): batch 64, 100 epochs, cosine, width 1.0.
+
+  It overwrites those fields: call it before a config sets its own (e.g. a smaller width)."""
   lr_conv, wd_conv, lr = {'deephebb': (1e-2, 5e-2, 5e-3), 'fasthebb': (5e-2, 1e-2, 1e-4)}[model]
   c.optimizer.update({'name': 'paper_sgd', 'lr': lr, 'lr_conv': lr_conv, 'wd_conv': wd_conv})
   c.batch_size, c.num_epochs = 64, 100

@@ -8,15 +8,17 @@ from experiments.configs import common
 
 def get_config(arg=None):
   switches = common.parse_arg(arg, method='ghl', steps=600, width=0.25, runlocal=False)
+  if switches.steps < 1:
+    raise ValueError(f'Config switch steps={switches.steps} must be >= 1.')
   c = common.base()
+  common.paper_recipe(c, 'deephebb')   # first: the recipe sets width 1.0, the quickstart its own
   c.method = switches.method
   c.model.name = 'deephebb'
   c.model.kwargs.width = switches.width
   c.data.update({'name': 'fashion_mnist', 'normalize': 'half', 'shuffle_buffer': 60_000})
-  common.paper_recipe(c, 'deephebb')
   c.num_train_steps = switches.steps
   c.log_every_steps = 50
-  c.eval_every_steps = switches.steps // 3
+  c.eval_every_steps = max(switches.steps // 3, 1)
   c.checkpoint_every_steps = 300
   c.eval_batch_size = 500
   if switches.runlocal:

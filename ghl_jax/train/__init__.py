@@ -4,7 +4,9 @@
     methods.py       each method (ghl, bp, hebbian-then-probe) as a short list of phases
     steps.py         the jitted train / Hebbian / eval steps, built on ghl_jax.value_and_grad
     validate.py      one-line config errors before anything runs
-    checkpoint.py    orbax checkpoints with fall-back restore; workdir identity
+    checkpoint.py    orbax checkpoints: fall-back restore of unreadable ones, refusal of incompatible ones
+    run_config.py    the resolved config saved in the workdir; the fields a resume may change
+    summary.py       parameters and FLOPs per module at the start of a run
     metrics.py       JSONL + TensorBoard, progress line;  plots.py: curves and receptive fields
     data/            tfds + tf.data input, offline imports;  distributed.py: multi-host start-up
 """

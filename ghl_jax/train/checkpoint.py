@@ -3,10 +3,10 @@
 Saves are atomic (orbax writes to a temporary directory and renames it when complete), so a
 process killed mid-save leaves no checkpoint that could be restored half-written. If the
 latest checkpoint cannot be read (truncated, corrupted) the previous one is used, with a warning.
+A readable checkpoint whose tree or shapes differ from the train state is refused, untouched.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -16,39 +16,66 @@ import orbax.checkpoint as ocp
 
 from ghl_jax.train.validate import ConfigError
 
-IDENTITY_FIELDS = ('model.name', 'data.name')
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in ``workdir`` (read from the directory, nothing opened)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  return sorted(int(name) for name in names if name.isdigit())
 
 
 class Checkpointer:
-  """``CheckpointManager`` under ``workdir/checkpoints`` with fall-back restore."""
+  """``CheckpointManager`` under ``workdir/checkpoints`` with fall-back restore.
 
-  def __init__(self, workdir: str, *, keep: int = 2):
+  ``metadata`` (JSON-able) is stored with every checkpoint (the run's config).
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 2, metadata: Optional[dict] = None):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.metadata = metadata
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                            cleanup_tmp_directories=True))
+                                                            cleanup_tmp_directories=True),
+        item_handlers=ocp.StandardCheckpointHandler())     # lets metadata() read a step before restoring
 
   def save(self, step: int, state: Any, *, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    self.manager.save(step, args=ocp.args.StandardSave(state), force=force, custom_metadata=self.metadata)
 
-  def restore_latest(self, template: Any) -> Optional[Any]:
+  def restore_latest(self, template: Any, *, changed=()) -> Optional[Any]:
     """The newest readable checkpoint restored onto ``template``'s structure and shardings.
 
     An unreadable checkpoint is reported, moved aside (``checkpoints/corrupt-<step>``, so that
-    the step can be saved again) and the next older one is tried.
+    the step can be saved again) and the next older one is tried. A readable one that holds
+    another tree or other shapes raises :class:`ConfigError` and nothing is moved; ``changed``
+    names the config fields that differ from the saved config.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
+        stored = _shapes(self.manager.metadata(step).item_metadata)
+        if not stored:
+          raise ValueError('its metadata lists no arrays')
+      except Exception as error:  # pylint: disable=broad-except
+        self._unreadable(step, error)
+        continue
+      mismatch = _mismatch(stored, _shapes(target))
+      if mismatch:
+        hint = f' after changing {", ".join(changed)}' if changed else ''
+        raise ConfigError(f'The checkpoint at step {step} in {self.directory} does not fit this run{hint} '
+                          f'({mismatch}): resume with the config it was written with, or use a new --workdir.')
+      try:
         return self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as error:  # pylint: disable=broad-except
-        reason = (str(error).strip().splitlines() or [''])[0][:200]
-        logging.warning('Checkpoint at step %d is unreadable (%s: %s); falling back to an older one.',
-                        step, type(error).__name__, reason)
-        print(f'warning: checkpoint at step {step} is unreadable ({type(error).__name__}); '
-              'falling back to the previous one.', flush=True)
-        self._set_aside(step)
+        self._unreadable(step, error)
     return None
+
+  def _unreadable(self, step: int, error: Exception) -> None:
+    reason = (str(error).strip().splitlines() or [''])[0][:200]
+    logging.warning('Checkpoint at step %d is unreadable (%s: %s); falling back to an older one.',
+                    step, type(error).__name__, reason)
+    print(f'warning: checkpoint at step {step} is unreadable ({type(error).__name__}); '
+          'falling back to the previous one.', flush=True)
+    self._set_aside(step)
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
@@ -65,30 +92,19 @@ class Checkpointer:
     self.manager.close()
 
 
-def _field(config, dotted: str):
-  value = config
-  for key in dotted.split('.'):
-    value = value[key]
-  return value
+def _path(keys) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in keys)
 
 
-def check_workdir_identity(config, workdir: str, *, write: bool) -> None:
-  """Refuses a workdir written by a run of another model or dataset (unless ``config.force``).
+def _shapes(tree) -> dict:
+  """``{'params/conv1/kernel': shape}`` of a tree of arrays, shape structs or orbax array metadata."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))
+  return {_path(keys): tuple(leaf.shape) for keys, leaf in leaves if hasattr(leaf, 'shape')}
 
-  The identity (``model.name``, ``data.name``) of the first run is kept in ``workdir/run.json``.
-  """
-  path = os.path.join(workdir, 'run.json')
-  mine = {field: _field(config, field) for field in IDENTITY_FIELDS}
-  if os.path.exists(path):
-    with open(path) as f:
-      theirs = json.load(f)
-    differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-    if differ and not config.get('force', False):
-      what = ', '.join(f'{k}={old!r} there but {new!r} now' for k, (old, new) in differ.items())
-      raise ConfigError(f'Workdir {workdir} belongs to another run ({what}): use a new --workdir, '
-                       'or --config.force=True to resume it anyway.')
-    if not differ:
-      return
-  if write:
-    with open(path, 'w') as f:
-      json.dump(mine, f)
+
+def _mismatch(stored: dict, wanted: dict, *, shown: int = 3) -> str:
+  """The leaves whose shapes differ or that only one tree holds ('' if none), the first few spelled out."""
+  paths = sorted(set(stored) | set(wanted), key=lambda p: (not p.startswith('params/'), p))   # params first
+  bad = [p for p in paths if stored.get(p) != wanted.get(p)]
+  text = '; '.join(f'{p} {stored.get(p, "absent")} there, {wanted.get(p, "absent")} now' for p in bad[:shown])
+  return text + (f'; {len(bad) - shown} more' if len(bad) > shown else '')

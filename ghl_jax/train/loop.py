@@ -25,8 +25,10 @@ from ghl_jax.train import data as data_lib
 from ghl_jax.train import methods
 from ghl_jax.train import steps as steps_lib
 from ghl_jax.train import validate
-from ghl_jax.train.checkpoint import Checkpointer, check_workdir_identity
-from ghl_jax.train.metrics import MetricWriter, Progress
+from ghl_jax.train import run_config
+from ghl_jax.train.checkpoint import Checkpointer, saved_steps
+from ghl_jax.train import summary as summary_lib
+from ghl_jax.train.metrics import MetricWriter, Progress, StepProfiler, last_eval
 
 
 class NumericalError(FloatingPointError):
@@ -75,10 +77,19 @@ def _first_fault(faults: dict) -> str | None:
 
 
 class _Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+  """Turns SIGTERM into a request to checkpoint and stop, agreed by every process.
 
-  def __init__(self):
+  One process may see SIGTERM while the others do not (or see it a step later), so :meth:`agreed`
+  reduces the local flags over all devices (a max) at every step boundary and answers with the
+  reduction of the boundary before: it runs behind the step in flight, and every process reads the
+  same value at the same step, so all of them save that step and stop.
+  """
+
+  def __init__(self, mesh):
     self.requested = False
+    self._sharding = NamedSharding(mesh, P('data'))
+    self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+    self._vote = None
     if threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handle)
     else:
@@ -87,6 +98,13 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def agreed(self) -> bool:
+    """True on every process at the same step boundary once any process has seen SIGTERM."""
+    previous = self._vote
+    local = np.full((jax.local_device_count(),), self.requested, np.int32)
+    self._vote = self._any(jax.make_array_from_process_local_data(self._sharding, local))
+    return previous is not None and bool(jax.device_get(previous))
 
   def restore(self):
     if self._old is not None:
@@ -109,8 +127,13 @@ def evaluate(eval_step, state, config, mesh) -> dict:
           'eval/top5': float(totals['top5']) / count}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_host: bool = True) -> dict:
+  """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final metrics
+  (a finished workdir: its last stored evaluation).
+
+  ``tune_host``: on CPU, set this process's allocator to keep freed memory for the next step
+  (:func:`ghl_jax.accel.prepare_host`, until the process exits); False leaves it alone (notebooks).
+  """
   validate.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   validate.check_workdir(workdir)
   try:
@@ -119,21 +142,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise
   except ValueError as error:              # bad data options (augment, normalize, ...)
     raise validate.ConfigError(str(error)) from None
-  check_workdir_identity(config, workdir, write=jax.process_index() == 0)
   enable_compilation_cache(config.get('compilation_cache_dir'))
   conv_impl = config.get('conv_impl', 'auto')
   try:
-    accel.prepare_host(conv_impl)           # XLA:CPU reuses step buffers instead of re-faulting them
+    accel.resolve(conv_impl)
+    if tune_host:
+      accel.prepare_host(conv_impl)         # XLA:CPU reuses step buffers instead of re-faulting them
   except ValueError as error:
     raise validate.ConfigError(f'config.{error}') from None
 
   info = data_lib.info(config.data)
   total, per_epoch, first = methods.budget(config, info.num_train)
+  profiler = StepProfiler(config.get('profile_steps'), total, os.path.join(workdir, 'profile'),
+                          enabled=jax.process_index() == 0)
   model = build_model(config, info.num_classes)
   mesh = make_mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   tx, phases = methods.phases(config, model, sample, total, first)
+  forced = run_config.check_resume(config, workdir, resuming=bool(saved_steps(workdir)))
 
   def init_state(rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -144,20 +171,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             'rng': train_rng}
 
   state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(state)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, metadata={'config': run_config.flatten(config)})
+  restored = ckpt.restore_latest(state, changed=forced)
+  if jax.process_index() == 0:
+    run_config.save(config, workdir)
   if restored is not None:
     state = restored
   start = int(jax.device_get(state['step']))
-  logging.info('%s from step %d of %d (%d steps/epoch, %d devices).',
-               'Resuming' if start else 'Starting', start, total, per_epoch, jax.device_count())
+  if jax.process_index() == 0:
+    print(f"{'Resuming' if start else 'Starting'} from step {start} of {total} ({per_epoch} steps/epoch, "
+          f'{jax.device_count()} devices).', flush=True)
 
   eval_step = jax.jit(steps_lib.make_eval_step(model, conv_impl), out_shardings=replicated)
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
   writer.rewind(start)
+  writer.write_config(config)
+  model_summary = summary_lib.summarize(model, sample)
+  if is_main:
+    print(model_summary.table(), flush=True)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-  preemption = _Preemption()
+  preemption = _Preemption(mesh)
   final = {}
   try:
     for number, phase in enumerate(phases, 1):
@@ -175,33 +209,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         local = next(batches)
         if step == start:
           check_batch(local, info.image_shape)
+        profiler.before(step + 1)
         state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, local))
+        profiler.after(step + 1, metrics)
         if pending is not None:
           _report(pending, writer, progress, config, tag)
         pending = (step + 1, metrics)
         done = step + 1
         evaluate_now = phase.evaluates and ((done - phase.start) % eval_every == 0 or done == phase.stop)
-        save_now = done % config.checkpoint_every_steps == 0 or done == total or preemption.requested
+        stop = preemption.agreed()
+        save_now = done % config.checkpoint_every_steps == 0 or done == total or stop
         if evaluate_now or save_now:
           _report(pending, writer, progress, config, tag)
           pending = None
         if evaluate_now:
           final = evaluate(eval_step, state, config, mesh)
           writer.write(done, final)
+          writer.write_fields(done, model_summary.first_kernel(state['params']))
           if is_main:
             print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
         if save_now:
           ckpt.save(done, state, force=True)
-        if preemption.requested:
-          logging.warning('SIGTERM: checkpointed step %d, stopping.', done)
+        if stop:
+          message = f'SIGTERM: process {jax.process_index()} saved step {done} with every process and stops.'
+          logging.warning(message)
+          print(message, flush=True)
           return final
       if pending is not None:
         _report(pending, writer, progress, config, tag)
   finally:
+    profiler.stop()
     ckpt.close()
     writer.close()
     preemption.restore()
-  return final
+  return final or last_eval(workdir)
 
 
 def _report(pending, writer, progress, config, tag: dict) -> None:

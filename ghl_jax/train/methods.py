@@ -52,12 +52,14 @@ def governed_kernels(model, sample, rule: Rule) -> tuple[str, ...]:
 def budget(config, num_train_examples: int) -> tuple[int, int, int]:
   """``(num_train_steps, steps_per_epoch, unsupervised steps)`` from the config and the dataset size
   (the last is 0 but for method 'hebbian')."""
-  per_epoch = config.steps_per_epoch if config.steps_per_epoch > 0 else num_train_examples // config.batch_size
+  per_epoch = (config.steps_per_epoch if config.steps_per_epoch != validate.UNSET
+               else num_train_examples // config.batch_size)
   if per_epoch <= 0:
     raise validate.ConfigError(f'config.batch_size={config.batch_size} exceeds the {num_train_examples} '
                                'training examples; lower it.')
   first = hebbian_steps(config, num_train_examples)
-  steps = config.num_train_steps if config.num_train_steps > 0 else first + int(config.num_epochs * per_epoch)
+  steps = (config.num_train_steps if config.num_train_steps != validate.UNSET
+           else first + int(config.num_epochs * per_epoch))
   if config.method == 'hebbian' and steps <= first:
     raise validate.ConfigError(f'{steps} steps in all leave none for the probe after the {first} Hebbian '
                                'steps: raise config.num_train_steps or lower config.hebbian.num_steps/epochs.')
@@ -66,13 +68,14 @@ def budget(config, num_train_examples: int) -> tuple[int, int, int]:
 
 def hebbian_steps(config, num_train_examples: int) -> int:
   """Steps of the unsupervised phase of method 'hebbian' (0 for the other methods):
-  ``config.hebbian.num_steps`` if >= 0, else ``epochs`` passes at ``config.hebbian.batch_size``."""
+  ``config.hebbian.num_steps`` if set, else ``epochs`` passes at ``config.hebbian.batch_size``."""
   if config.method != 'hebbian':
     return 0
   h = config.hebbian
-  if h.num_steps >= 0:
+  if h.num_steps != validate.UNSET:
     return int(h.num_steps)
-  examples = config.steps_per_epoch * config.batch_size if config.steps_per_epoch > 0 else num_train_examples
+  examples = (config.steps_per_epoch * config.batch_size if config.steps_per_epoch != validate.UNSET
+              else num_train_examples)
   return int(h.epochs * (examples // h.batch_size))
 
 

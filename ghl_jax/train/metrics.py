@@ -1,13 +1,20 @@
-"""Metrics to a JSONL file and TensorBoard (process 0 only), and a progress line."""
+"""Metrics to a JSONL file and TensorBoard (process 0 only), a progress line, and profile traces.
+
+TensorBoard (``tensorboard --logdir WORKDIR``) gets every logged scalar, the resolved config (HParams
+and Text tabs) and the first layer's receptive fields at each evaluation (Images tab);
+:class:`StepProfiler` writes a :mod:`jax.profiler` trace of chosen steps to ``WORKDIR/profile``.
+"""
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from ghl_jax.train.validate import ConfigError
 
 
 class MetricWriter:
@@ -43,9 +50,30 @@ class MetricWriter:
           self._tb.scalar(key, value, step)
       self._tb.flush()
 
+  def write_config(self, config) -> None:
+    """The resolved config: as HParams (dotted names) and whole as text, once per start."""
+    if self._tb is None:
+      return
+    self._tb.hparams(config.to_dict() if hasattr(config, 'to_dict') else dict(config))
+    self._tb.text('config', '\n'.join('    ' + line for line in str(config).splitlines()), 0)
+    self._tb.flush()
+
+  def write_fields(self, step: int, kernel: Any) -> None:
+    """An HWIO conv kernel (the first layer's) as an image of its receptive fields."""
+    if self._tb is None or kernel is None or np.ndim(kernel) != 4:
+      return
+    from ghl_jax.train import plots  # pylint: disable=import-outside-toplevel
+    self._tb.image('receptive_fields', plots.field_image(_local(kernel)), step)
+    self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _local(array) -> np.ndarray:
+  """A replicated array's value from this process's first shard (no collective across hosts)."""
+  return np.asarray(array.addressable_data(0) if isinstance(array, jax.Array) else array)
 
 
 def _complete(line: str) -> bool:
@@ -68,6 +96,14 @@ def read(workdir: str) -> list[dict]:
   return sorted(rows.values(), key=lambda r: r['step'])
 
 
+def last_eval(workdir: str) -> dict:
+  """The ``eval/*`` metrics of the last evaluation stored in ``workdir`` (``{}`` when there is none)."""
+  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    return {}
+  evals = [row for row in read(workdir) if any(key.startswith('eval/') for key in row)]
+  return {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}
+
+
 class Progress:
   """``step 120/1000 (12%) | 850 img/s | ETA 0:05:10 | loss 1.23`` every few steps."""
 
@@ -88,3 +124,51 @@ class Progress:
     """Prints the line on process 0 (every process computes the same global metrics)."""
     if jax.process_index() == 0:
       print(self.line(step, scalars), flush=True)
+
+
+def profile_window(value, total_steps: int) -> tuple[int, int] | None:
+  """``'10,12'``, ``[10, 12]`` or ``10`` → ``(first, last)`` train step to trace (steps counted from 1,
+  as logged); ``None``, ``''`` or ``()`` → None (off)."""
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  if isinstance(value, str):
+    items = value.split(',')
+  else:
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+  if not items:
+    return None
+  steps = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in items]
+  if (len(steps) <= 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+      and 1 <= steps[0] <= steps[-1] <= total_steps):
+    return steps[0], steps[-1]
+  raise ConfigError(f"config.profile_steps must be 'first,last' with 1 <= first <= last <= {total_steps} "
+                    f"(the run's steps), e.g. '10,12'; got {value!r}.")
+
+
+class StepProfiler:
+  """A :mod:`jax.profiler` trace of train steps ``first..last`` (of :func:`profile_window`) into
+  ``log_dir``; TensorBoard's profile plugin (``pip install tensorboard-plugin-profile``) shows it."""
+
+  def __init__(self, value, total_steps: int, log_dir: str, *, enabled: bool = True):
+    window = profile_window(value, total_steps)     # every process validates, the main one traces
+    self.window = window if enabled else None
+    self.log_dir = log_dir
+    self.active = False
+
+  def before(self, step: int) -> None:
+    """Starts the trace before step ``step`` (the first of the window, or of a resumed run in it)."""
+    if self.window and not self.active and self.window[0] <= step <= self.window[1]:
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+
+  def after(self, step: int, outputs: Any) -> None:
+    """Stops it once step ``step`` (the window's last) has finished computing ``outputs``."""
+    if self.active and step >= self.window[1]:
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      print(f'profile trace written to {self.log_dir}', flush=True)

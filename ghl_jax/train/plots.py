@@ -2,6 +2,8 @@
 
 CLI: ``python -m ghl_jax.train.plots curves OUT.png LABEL=WORKDIR ...`` and
 ``python -m ghl_jax.train.plots fields OUT.png WORKDIR [--layer conv1]`` (any checkpoint in WORKDIR).
+Figures are drawn on their own Agg canvas: importing this module leaves matplotlib's backend and
+pyplot's figures as they were (notebooks keep their inline backend).
 """
 from __future__ import annotations
 
@@ -9,17 +11,24 @@ import os
 import sys
 from typing import Mapping
 
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
 
-from ghl_jax.train import metrics  # noqa: E402
+from ghl_jax.train import metrics
+
+
+def _figure(**kwargs) -> Figure:
+  """A figure outside pyplot, rendered by Agg whatever the current backend."""
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)
+  return fig
 
 
 def plot_curves(runs: Mapping[str, str], out: str) -> str:
   """Train loss and eval top-1 over steps for ``{label: workdir}``, saved to ``out``."""
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig = _figure(figsize=(10, 3.8))
+  ax_loss, ax_acc = fig.subplots(1, 2)
   for label, workdir in runs.items():
     rows = metrics.read(workdir)
     train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
@@ -35,7 +44,6 @@ def plot_curves(runs: Mapping[str, str], out: str) -> str:
     ax.legend()
   fig.tight_layout()
   fig.savefig(out, dpi=120)
-  plt.close(fig)
   return out
 
 
@@ -55,15 +63,24 @@ def field_grid(kernel: np.ndarray, max_fields: int = 96) -> np.ndarray:
   return grid[..., 0] if shown == 1 else grid
 
 
+def field_image(kernel: np.ndarray, min_side: int = 256) -> np.ndarray:
+  """:func:`field_grid` as an ``[H, W, C]`` float image in [0, 1], enlarged (nearest pixel) to at
+  least ``min_side`` pixels on its shorter side, for TensorBoard."""
+  grid = field_grid(kernel)
+  grid = grid[..., None] if grid.ndim == 2 else grid
+  scale = max(1, -(-min_side // min(grid.shape[:2])))
+  return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
 def plot_fields(kernel: np.ndarray, out: str, title: str = 'First-layer receptive fields') -> str:
   grid = field_grid(kernel)
-  fig, ax = plt.subplots(figsize=(6, 6))
+  fig = _figure(figsize=(6, 6))
+  ax = fig.subplots()
   ax.imshow(grid, cmap='gray' if grid.ndim == 2 else None, interpolation='nearest')
   ax.set_axis_off()
   ax.set_title(title)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
-  plt.close(fig)
   return out
 
 

@@ -12,18 +12,45 @@ METHODS = ('ghl', 'bp', 'hebbian')
 OPTIMIZERS = ('paper_sgd', 'momentum_sgd', 'adam')
 DTYPES = ('float32', 'bfloat16')
 
+UNSET = -1   # the one 'not set' value of a step count (what it means is in STEP_FIELDS)
+
+# Step counts: field -> (what UNSET means, or None where it is not allowed; the smallest other value).
+STEP_FIELDS = {
+    'num_train_steps': ('train config.num_epochs epochs', 1),
+    'steps_per_epoch': ('take it from the dataset size', 1),
+    'eval_every_steps': ('evaluate once per epoch', 1),
+    'log_every_steps': (None, 1),
+    'checkpoint_every_steps': (None, 1),
+    'hebbian.num_steps': ('train config.hebbian.epochs epochs', 0),
+}
+
 
 class ConfigError(ValueError):
   """A config value that cannot run; the message says which field to change and how."""
 
 
+def _field(config, dotted: str):
+  """``config.a.b`` for ``'a.b'``."""
+  for key in dotted.split('.'):
+    config = config[key]
+  return config
+
+
 def _positive(config, *fields):
   for field in fields:
-    value = config
-    for key in field.split('.'):
-      value = value[key]
+    value = _field(config, field)
     if not (isinstance(value, (int, float)) and value > 0):
       raise ConfigError(f'config.{field} must be > 0, got {value!r}.')
+
+
+def _step_counts(config) -> None:
+  """Each step count is an int >= its minimum, or UNSET where STEP_FIELDS gives it a meaning."""
+  for field, (unset, least) in STEP_FIELDS.items():
+    value = _field(config, field)
+    if isinstance(value, int) and not isinstance(value, bool) and (value >= least or (unset and value == UNSET)):
+      continue
+    meaning = f', or {UNSET} to {unset}' if unset else ''
+    raise ConfigError(f'config.{field} must be an integer >= {least}{meaning}; got {value!r}.')
 
 
 def _t_inv_values(t_inv):
@@ -45,9 +72,10 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
     _positive(config, 'optimizer.lr_conv')
     if config.optimizer.wd_conv < 0:
       raise ConfigError(f'config.optimizer.wd_conv must be >= 0, got {config.optimizer.wd_conv!r}.')
-  if config.num_train_steps == 0 or (config.num_train_steps < 0 and not config.num_epochs > 0):
+  if config.num_train_steps == 0 or (config.num_train_steps == UNSET and not config.num_epochs > 0):
     raise ConfigError(f'Nothing to train: set config.num_train_steps > 0 or config.num_epochs > 0 '
                       f'(got {config.num_train_steps} and {config.num_epochs}).')
+  _step_counts(config)
   for name in ('batch_size', 'eval_batch_size'):
     size = config[name]
     if size % device_count:
@@ -103,7 +131,7 @@ def _validate_hebbian(config, device_count: int) -> None:
   rule_of(config, 'hebbian')
   if h.norm_power is not None and not h.norm_power >= 0:
     raise ConfigError(f'config.hebbian.norm_power must be >= 0 or None, got {h.norm_power!r}.')
-  if h.num_steps < 0 and not h.epochs > 0:
+  if h.num_steps == UNSET and not h.epochs > 0:
     raise ConfigError(f'config.hebbian.epochs must be > 0 (or set config.hebbian.num_steps >= 0), got {h.epochs!r}.')
   if not (isinstance(h.batch_size, int) and h.batch_size > 0) or h.batch_size % device_count:
     raise ConfigError(f'config.hebbian.batch_size={h.batch_size!r} must be a positive multiple of the '
