@@ -1,6 +1,0 @@
-"""CIFAR100 · deephebb · BP: a row of the paper's CIFAR table (see recipes.cifar)."""
-from experiments.configs import recipes
-
-
-def get_config(arg=None):
-  return recipes.cifar('cifar100', 'deephebb', 'bp', arg)

@@ -1,6 +1,0 @@
-"""CIFAR10 · deephebb · GHL ablation 'no_oja_decay' (see baselines.ABLATIONS)."""
-from experiments.configs import baselines
-
-
-def get_config(arg=None):
-  return baselines.ghl_ablation('no_oja_decay', arg)

@@ -1,6 +1,0 @@
-"""CIFAR10 · fasthebb · SWTA-FH: Hebbian convs, then a supervised head (see baselines.cifar_fasthebb)."""
-from experiments.configs import baselines
-
-
-def get_config(arg=None):
-  return baselines.cifar_fasthebb('cifar10', 'swta', arg)

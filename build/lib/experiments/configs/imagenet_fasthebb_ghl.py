@@ -1,6 +1,0 @@
-"""ImageNet · fasthebb · GHL: a row of the paper's ImageNet table (see recipes.imagenet)."""
-from experiments.configs import recipes
-
-
-def get_config(arg=None):
-  return recipes.imagenet('fasthebb', 'ghl', arg)

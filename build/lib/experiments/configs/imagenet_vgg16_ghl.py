@@ -1,6 +1,0 @@
-"""ImageNet · vgg16 · GHL: a row of the paper's ImageNet table (see recipes.imagenet)."""
-from experiments.configs import recipes
-
-
-def get_config(arg=None):
-  return recipes.imagenet('vgg16', 'ghl', arg)
