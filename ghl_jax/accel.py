@@ -85,6 +85,13 @@ def wrap(fn: Callable, impl: str = 'auto') -> Callable:
   return wrapped
 
 
+def unrolled_loops(impl: str = 'auto') -> bool:
+  """Whether short loops over convolutions (gradient accumulation) should be unrolled: on the CPU
+  kernels ('gemm'), since XLA:CPU runs convolutions inside loop bodies several times slower;
+  elsewhere a ``lax.scan`` keeps compile time flat in the number of iterations."""
+  return resolve(impl) == 'gemm'
+
+
 def prepare_host(impl: str = 'auto') -> bool:
   """On CPU (``impl`` resolving to 'gemm'), keeps freed host memory for XLA:CPU's per-step
   temporaries (:mod:`ghl_jax.kernels.host_memory`); returns whether it changed anything."""

@@ -23,12 +23,25 @@ quiet() {
 
 # Fashion-MNIST: already imported, else tfds download when online, else Debian's package.
 if ! python -m ghl_jax.train.data.offline fashion_mnist --data_dir "$DATA_DIR" --check 2>/dev/null; then
-  echo "[quickstart] downloading Fashion-MNIST with tfds (log: $WORKDIR/tfds_download.log)"
-  if python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()" \
+  # Online only if the host tfds downloads Fashion-MNIST from answers within 3 s.
+  if python - >/dev/null 2>&1 <<'PY'
+import socket, urllib.parse
+from tensorflow_datasets.image_classification import mnist
+url = urllib.parse.urlparse(mnist.FashionMNIST.URL)
+socket.create_connection((url.hostname, url.port or 80), timeout=3).close()
+PY
+  then
+    online=1
+  else
+    online=0
+    echo "[quickstart] the Fashion-MNIST host of tfds is not reachable: using the offline copy"
+  fi
+  if [ "$online" = 1 ] && echo "[quickstart] downloading Fashion-MNIST with tfds (log: $WORKDIR/tfds_download.log)" &&
+     python -c "import tensorflow_datasets as t; t.builder('fashion_mnist', data_dir='$DATA_DIR').download_and_prepare()" \
        >"$WORKDIR/tfds_download.log" 2>&1; then
     echo "[quickstart] Fashion-MNIST downloaded by tfds into $DATA_DIR"
   else
-    echo "[quickstart] tfds could not download Fashion-MNIST (offline?); trying Debian's dataset-fashion-mnist"
+    [ "$online" = 1 ] && echo "[quickstart] tfds could not download Fashion-MNIST; trying Debian's dataset-fashion-mnist"
     if [ ! -d /usr/share/datasets/fashion-mnist ]; then
       if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         if ! { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; } >"$WORKDIR/apt.log" 2>&1; then

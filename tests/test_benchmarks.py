@@ -100,3 +100,9 @@ def test_user_loop_runs_and_checks_its_goals(tmp_path):
   lines = user_loop.goals(reports['deephebb'])
   assert len(lines) == 4 and all(('met' in line) or ('x' in line) for line in lines)
   assert json.loads(out.read_text())['deephebb']['batch'] == 64
+
+
+def test_accumulation_compiles_both_forms():
+  from benchmarks import accumulation  # pylint: disable=import-outside-toplevel
+  rows = accumulation.main(['--micro', '1,2', '--width', '0.0625', '--batch', '4'])
+  assert sorted(rows) == ['gemm', 'xla'] and all(len(v) == 2 and min(v) > 0 for v in rows.values())

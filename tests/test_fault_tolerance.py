@@ -21,6 +21,7 @@ from ghl_jax.train import metrics as metrics_lib
 from ghl_jax.train import plots
 from ghl_jax import train
 from ghl_jax.train import methods
+from ghl_jax.train import run_config
 from ghl_jax.train.validate import ConfigError
 from test_train import CACHE, REPO, tiny_config
 
@@ -29,16 +30,7 @@ STEPS = 8
 
 def flat_overrides(config) -> dict:
   """The config as ``{dotted.field: value}`` for a worker process."""
-  out = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if hasattr(value, 'items'):
-        walk(value, f'{prefix}{key}.')
-      else:
-        out[f'{prefix}{key}'] = list(value) if isinstance(value, tuple) else value
-  walk(config.to_dict(), '')
-  return out
+  return run_config.flatten(config)
 
 
 def start_worker(config, workdir, *, devices=8, process_id=0, num_processes=1, port=0):

@@ -2,7 +2,8 @@
 
 A train step (with ``A = grad_accum_steps`` micro-batches of the global batch)::
 
-    for each micro-batch m (unrolled):   (loss_m, aux_m), G_m, H_m = value_and_grad(loss, rule)(θ, x_m)
+    for each micro-batch m:   (loss_m, aux_m), G_m, H_m = value_and_grad(loss, rule)(θ, x_m)
+                              (unrolled on XLA:CPU, a lax.scan elsewhere: ghl_jax.accel.unrolled_loops)
                               G += G_m / A,    H += H_m              (raw Hebbian sums)
     updates = tx.update(G, opt_state, params, hebb=H)      (ghl: sign(G) ⊙ |Ĥ| on its kernels)
     params += updates
@@ -114,17 +115,37 @@ def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[R
 
   grad_fn = ghl_jax.value_and_grad(loss_fn, rule, has_aux=True, conv_impl=conv_impl)
 
+  def micro_step(params, batch_stats, images, labels, rng):
+    """``(new batch stats, (loss, correct, grads, hebb))`` of one micro-batch."""
+    (loss, (logits, new_state)), grads, hebb = grad_fn(params, batch_stats, images, labels, rng)
+    correct = jnp.sum(jnp.argmax(logits, -1) == labels)
+    return new_state.get('batch_stats', {}), (loss, correct, grads, hebb)
+
+  def accumulate(params, batch_stats, micro, rng):
+    """Sums of ``(loss, correct, grads, hebb)`` over the micro-batches, batch stats threaded through:
+    an unrolled loop where loops slow convolutions down (XLA:CPU), a ``lax.scan`` elsewhere, so
+    that compile time does not grow with the number of micro-batches."""
+    xs = (micro['image'], micro['label'], jnp.arange(accum_steps))
+    if ghl_jax.accel.unrolled_loops(conv_impl):
+      totals = None
+      for i in range(accum_steps):
+        batch_stats, out = micro_step(params, batch_stats, xs[0][i], xs[1][i], jax.random.fold_in(rng, i))
+        totals = out if totals is None else _add(totals, out)
+      return batch_stats, totals
+
+    def body(carry, x):
+      stats, totals = carry
+      stats, out = micro_step(params, stats, x[0], x[1], jax.random.fold_in(rng, x[2]))
+      return (stats, _add(totals, out)), None
+    shapes = jax.eval_shape(lambda: micro_step(params, batch_stats, xs[0][0], xs[1][0], rng)[1])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (batch_stats, totals), _ = jax.lax.scan(body, (batch_stats, zeros), xs)
+    return batch_stats, totals
+
   def train_step(state, batch):
     params, rng = state['params'], jax.random.fold_in(state['rng'], state['step'])
-    micro = _split(batch, accum_steps)
-    batch_stats, grads, hebb, loss, correct = state['batch_stats'], None, None, 0.0, 0
-    for i in range(accum_steps):          # unrolled: XLA:CPU runs convs inside loops far slower
-      (loss_i, (logits, new_state)), g, h = grad_fn(
-          params, batch_stats, micro['image'][i], micro['label'][i], jax.random.fold_in(rng, i))
-      batch_stats = new_state.get('batch_stats', {})
-      grads, hebb = (g, h) if i == 0 else (_add(grads, g), _add(hebb, h))
-      loss = loss + loss_i
-      correct = correct + jnp.sum(jnp.argmax(logits, -1) == micro['label'][i])
+    batch_stats, (loss, correct, grads, hebb) = accumulate(params, state['batch_stats'],
+                                                           _split(batch, accum_steps), rng)
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
     loss = loss / accum_steps
 
