@@ -15,6 +15,7 @@ from typing import Collection, Optional, Union
 import flax
 import optax
 
+from ghl_jax import transform
 from ghl_jax.rule import Rule
 from ghl_jax.transform import ghl
 
@@ -27,12 +28,12 @@ def group_labels(kernels: Union[str, Collection[str]]):
   ``kernels`` is a regex over '/'-joined param paths or a collection of exact paths.
   """
   def labels(params):
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+    flat = flax.traverse_util.flatten_dict(transform.as_plain_dict(params), sep='/')
     chosen = {p for p in flat if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
     if not chosen:
       raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(flat)}.')
-    return flax.traverse_util.unflatten_dict(
-        {p: 'ghl' if p in chosen else 'bp' for p in flat}, sep='/')
+    return transform.like(params, flax.traverse_util.unflatten_dict(
+        {p: 'ghl' if p in chosen else 'bp' for p in flat}, sep='/'))
   return labels
 
 

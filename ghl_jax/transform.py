@@ -159,18 +159,18 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
       hebb = hebbian_terms(params, taps, rule=rule)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
-    flat = flax.traverse_util.flatten_dict(_as_dict(updates), sep='/', keep_empty_nodes=True)
+    flat = flax.traverse_util.flatten_dict(as_plain_dict(updates), sep='/', keep_empty_nodes=True)
     for path, term in hebb.items():
       grad = flat.get(path)
       if grad is None or isinstance(grad, optax.MaskedNode):
         continue
       flat[path] = combine(grad, term.normalized(), direction, magnitude)
-    return _like(updates, flax.traverse_util.unflatten_dict(flat, sep='/')), state
+    return like(updates, flax.traverse_util.unflatten_dict(flat, sep='/')), state
 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def _as_dict(tree):
+def as_plain_dict(tree):
   """A plain nested dict of a params-like tree (dict, FrozenDict, or an ``nnx.State``)."""
   if isinstance(tree, flax.core.FrozenDict):
     return flax.core.unfreeze(tree)
@@ -179,7 +179,7 @@ def _as_dict(tree):
   return tree
 
 
-def _like(template, tree):
+def like(template, tree):
   if isinstance(template, flax.core.FrozenDict):
     return flax.core.freeze(tree)
   if isinstance(template, nnx.State):

@@ -51,3 +51,15 @@ def test_quickstart_notebook_runs_twice(tiny_tfds_gray, tmp_path, monkeypatch):
   assert second == first
   for png in ('curves.png', 'ghl_fields.png', 'bp_fields.png'):
     assert os.path.getsize(tmp_path / 'work' / png) > 1000
+
+
+def test_nnx_notebook_runs(monkeypatch):
+  for key, value in {'GHL_NB_STEPS': '3', 'GHL_NB_CIFAR10': '', 'JAX_PLATFORMS': 'cpu',
+                     'XLA_FLAGS': '--xla_force_host_platform_device_count=1', 'PYTHONPATH': REPO}.items():
+    monkeypatch.setenv(key, value)
+  notebook = nbformat.read(os.path.join(REPO, 'notebooks', 'nnx.ipynb'), as_version=4)
+  NotebookClient(notebook, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
+  printed = [line for cell in notebook.cells for out in cell.get('outputs', [])
+             for line in out.get('text', '').splitlines()]
+  assert any(line.startswith('GHL: final loss') for line in printed)
+  assert any(line.startswith('BP: final loss') for line in printed)
