@@ -22,7 +22,7 @@ import optax
 
 from ghl_jax import rules as rules_lib
 from ghl_jax import tap as tap_lib
-from ghl_jax.rule import Layers, Rule, TInv, per_layer
+from ghl_jax.rule import Layers, Rule, TInv
 DIRECTIONS = ('gradient', 'hebbian')
 MAGNITUDES = ('hebbian', 'unit', 'gradient')
 
@@ -58,12 +58,6 @@ def selected_layers(taps: Mapping, layers: Union[Layers, Rule] = None) -> dict:
     known = [kernel_path(p) for p, _ in tap_lib.entries(taps)]
     raise ValueError(f'ghl layers={rule.layers!r} selects no tapped kernel; tapped kernels are {known}.')
   return chosen
-
-
-def t_inv_for(path: str, t_inv: TInv) -> float:
-  """``t_inv`` of one layer: a float, or a mapping from module path (exact, then regex) to float."""
-  value = per_layer(path, t_inv)
-  return 1.0 if value is None else value
 
 
 def _get(tree: Any, path: str):

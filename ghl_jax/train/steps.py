@@ -13,8 +13,8 @@ add up over micro-batches (and over devices, by XLA), so ``Ĥ`` is the global-ba
 the sharding or accumulation.
 
 Every step returns what every step needs: the loss, the accuracy and one all-finite flag. The
-per-layer statistics are computed only at log steps and the per-leaf finite flags only when a
-step is not finite (``lax.cond``), so the host fetches one scalar per step.
+per-layer statistics are computed only at log steps (``lax.cond``) and the per-leaf finite flags
+are read only when a step is not finite, so the host fetches one scalar per step.
 """
 from __future__ import annotations
 
@@ -81,11 +81,10 @@ def when(pred, fn: Callable, *operands):
 
 
 def checks(step, log_every: int, loss, grads, hebb, stats_fn: Callable) -> dict:
-  """``finite`` (one scalar), ``faults`` (per-leaf flags, only when not finite) and ``stats``
+  """``finite`` (one scalar), ``faults`` (per-leaf flags, fetched only when not finite) and ``stats``
   (``stats_fn()``, only at log steps: ``step + 1`` a multiple of ``log_every``)."""
-  finite = jnp.all(jnp.stack(jax.tree.leaves(finite_flags(loss, grads, hebb))))
-  return {'finite': finite,
-          'faults': when(jnp.logical_not(finite), finite_flags, loss, grads, hebb),
+  flags = finite_flags(loss, grads, hebb)            # scalars; the host reads them only on a fault
+  return {'finite': jnp.all(jnp.stack(jax.tree.leaves(flags))), 'faults': flags,
           'stats': when((step + 1) % log_every == 0, stats_fn)}
 
 
