@@ -18,7 +18,7 @@ from absl import flags
 
 from experiments.configs import common
 from ghl_jax.train import data as data_lib
-from ghl_jax import metrics
+from ghl_jax.train import metrics
 from ghl_jax import train
 
 flags.DEFINE_string('dataset', 'cifar10', 'cifar10 | cifar100 | fashion_mnist')

@@ -9,10 +9,14 @@ between progress logs after each phase's first log, so compilation is left out::
 
     python -m benchmarks.baselines                            # Fashion-MNIST and CIFAR-10
     python -m benchmarks.baselines --datasets cifar10 --rows ghl,softhebb --steps 100
+    python -m benchmarks.baselines --datasets cifar10 --rows ghl,bp --seeds 0,1,2   # seeds pooled
 
-Writes ``benchmarks/baselines.json``, receptive fields of the first conv layer to
-``benchmarks/figures/`` and (``--results``) the section "Baselines and ablations" of
-``benchmarks/RESULTS.md``.
+With several ``--seeds`` every row is trained once per seed (workdir ``ROW_seedN``) and the table
+is ``experiments.report``'s: last test top-1 as mean ± std over the seeds.
+
+Writes ``--out`` (``benchmarks/baselines.json``), receptive fields of the first conv layer to
+``benchmarks/figures/`` (one seed) and (``--results``) the section "Baselines and ablations"
+(or, over seeds, "Baselines and ablations over seeds") of ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -36,11 +40,12 @@ from experiments.configs import common  # noqa: E402
 from experiments.configs import recipes  # noqa: E402
 from ghl_jax.train import data as data_lib  # noqa: E402
 from ghl_jax.train import metrics as metrics_lib  # noqa: E402
-from ghl_jax import plots  # noqa: E402
+from ghl_jax.train import plots  # noqa: E402
 from ghl_jax import train  # noqa: E402
 
 BATCH = 64
 HEADING = '## Baselines and ablations'
+POOLED_HEADING = '## Baselines and ablations over seeds'
 
 R = baseline_recipes
 # name -> (architecture, paper method key, label, config builder(dataset))
@@ -78,6 +83,7 @@ def parse_args(argv=None):
                       help='dataset(s) of the ablation rows and of the full-epoch SoftHebb row')
   parser.add_argument('--steps', type=int, default=150, help='budget: steps of 64 images')
   parser.add_argument('--width', type=float, default=0.25)
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds; several: one run per seed, pooled')
   parser.add_argument('--eval_examples', type=int, default=5_000)
   parser.add_argument('--data_dir', default=os.environ.get('TFDS_DATA_DIR', os.path.join(ROOT, 'tfds_data')))
   parser.add_argument('--workdir', default='/tmp/ghl_jax_baselines')
@@ -92,6 +98,10 @@ def parse_args(argv=None):
     parser.error(f'unknown rows {sorted(unknown)}; choose from {sorted(ROWS)}.')
   if args.steps < 8 or not args.width > 0:
     parser.error('--steps must be >= 8 and --width > 0.')
+  try:
+    args.seeds = [int(s) for s in args.seeds.split(',')]
+  except ValueError:
+    parser.error(f'--seeds takes comma-separated integers (e.g. 0,1,2), not {args.seeds!r}.')
   return args
 
 
@@ -137,11 +147,13 @@ def images_per_second(marks) -> dict:
   return {phase: images / seconds for phase, (images, seconds) in totals.items() if seconds > 0}
 
 
-def run_row(name: str, dataset: str, args) -> dict:
+def run_row(name: str, dataset: str, args, seed: int = 0) -> dict:
   arch, method, label, build = ROWS[name]
   config = build(dataset)
   shrink(config, dataset, args, full_hebbian=name in FULL_HEBBIAN_ROWS)
-  workdir = os.path.join(args.workdir, dataset, name)
+  config.seed = seed
+  pooled = len(args.seeds) > 1
+  workdir = os.path.join(args.workdir, dataset, f'{name}_seed{seed}' if pooled else name)
   shutil.rmtree(workdir, ignore_errors=True)
   _Clock.marks = []
   train.loop.Progress = _Clock
@@ -155,7 +167,7 @@ def run_row(name: str, dataset: str, args) -> dict:
   rates = images_per_second(_Clock.marks)
   hebbian = config.method == 'hebbian'
   row = {
-      'name': name, 'dataset': dataset, 'arch': arch, 'label': label, 'method': config.method,
+      'name': name, 'dataset': dataset, 'seed': seed, 'arch': arch, 'label': label, 'method': config.method,
       'top1': 100 * final['eval/top1'], 'paper': common.PAPER.get((dataset, arch, method)),
       'steps': config.num_train_steps, 'hebbian_steps': config.hebbian.num_steps if hebbian else 0,
       'images_per_s': rates.get(2 if hebbian else 0),
@@ -211,10 +223,27 @@ def section(rows: list, args, figures: list) -> str:
   return '\n'.join(body)
 
 
-def write_section(path: str, text: str) -> None:
-  """Replaces (or appends) this benchmark's section of ``path``, leaving the others untouched."""
+def pooled_section(rows: list, args) -> str:
+  """The rows' workdirs tabulated by ``experiments.report`` (seeds pooled: mean ± std)."""
+  from experiments import report  # pylint: disable=import-outside-toplevel
+  runs = [report.load(r['workdir']) for r in rows]
+  device = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  seeds = ','.join(map(str, args.seeds))
+  return '\n'.join([
+      POOLED_HEADING, '',
+      f'`python -m benchmarks.baselines --datasets {args.datasets} --rows {args.rows} --seeds {seeds}` on '
+      f'{device.platform.upper()} ({cpu}, {os.cpu_count()} cores, shared): the budget of the section above '
+      f'(width {args.width}, {args.steps} steps × {BATCH} images, test top-1 on the first '
+      f'{args.eval_examples} test images), one run per seed, tabulated by `python -m experiments.report '
+      'WORKDIR... --markdown` (one evaluation at the end, so last = best).', '',
+      report.table(report.summarize(runs), markdown=True), ''])
+
+
+def write_section(path: str, text: str, heading: str = HEADING) -> None:
+  """Replaces (or appends) the section ``heading`` of ``path``, leaving the others untouched."""
   old = open(path).read() if os.path.exists(path) else '# Benchmark results\n'
-  pattern = re.compile(rf'^{re.escape(HEADING)}\n.*?(?=^## |\Z)', re.S | re.M)
+  pattern = re.compile(rf'^{re.escape(heading)}\n.*?(?=^## |\Z)', re.S | re.M)
   if pattern.search(old):
     new = pattern.sub(lambda _: text + '\n', old)
   else:
@@ -224,7 +253,7 @@ def write_section(path: str, text: str) -> None:
 
 
 def _previous_rows(args) -> dict:
-  """``{(dataset, name): row}`` of ``--out`` if it was written with the same budget."""
+  """``{(dataset, name, seed): row}`` of ``--out`` if it was written with the same budget."""
   if not os.path.exists(args.out):
     return {}
   with open(args.out) as f:
@@ -232,7 +261,7 @@ def _previous_rows(args) -> dict:
   budget = ('steps', 'width', 'eval_examples')
   if any(previous['args'].get(k) != getattr(args, k) for k in budget):
     return {}
-  return {(r['dataset'], r['name']): r for r in previous['rows']}
+  return {(r['dataset'], r['name'], r.get('seed', 0)): r for r in previous['rows']}
 
 
 def main(argv=None):
@@ -241,20 +270,22 @@ def main(argv=None):
   ablation_sets = set(args.ablations_on.split(','))
   rows, figures = [], []
   done = _previous_rows(args) if args.reuse else {}
+  pooled = len(args.seeds) > 1
   for dataset in args.datasets.split(','):
     for name in chosen:
       if name in ABLATION_ROWS + FULL_HEBBIAN_ROWS and dataset not in ablation_sets:
         continue
-      row = done.get((dataset, name)) or run_row(name, dataset, args)
-      rows.append(row)
-      if name in FIELD_ROWS and row['top1'] == row['top1']:
-        figures.append(plot_row_fields(row, args.figures))
-      with open(args.out, 'w') as f:
-        json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
-  text = section(rows, args, figures)
+      for seed in args.seeds:
+        row = done.get((dataset, name, seed)) or run_row(name, dataset, args, seed)
+        rows.append(row)
+        if not pooled and name in FIELD_ROWS and row['top1'] == row['top1']:
+          figures.append(plot_row_fields(row, args.figures))
+        with open(args.out, 'w') as f:
+          json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
+  text = pooled_section(rows, args) if pooled else section(rows, args, figures)
   print(text)
   if args.results:
-    write_section(args.results, text)
+    write_section(args.results, text, POOLED_HEADING if pooled else HEADING)
 
 
 if __name__ == '__main__':
