@@ -63,6 +63,7 @@ class Variant:
   loop: str = 'trainer'           # 'trainer' (its step), 'user' (README's loop), 'taps' (v1 loop)
   donate: bool = True             # the state buffers are donated to the step
   flax_pool: bool = False         # DeepHebb's max pools as nn.max_pool (select-and-scatter grad)
+  dtype: str = 'float32'          # the model's compute dtype (params, optimizer, Hebbian sums: float32)
 
 
 VARIANTS = {v.label: v for v in (
@@ -75,10 +76,15 @@ VARIANTS = {v.label: v for v in (
     Variant('user GHL', True, loop='user'), Variant('user BP', False, loop='user'),
     Variant('user GHL v1', True, 'xla', loop='taps'), Variant('user BP v1', False, 'xla', loop='taps'),
     Variant('GHL nodonate', True, donate=False), Variant('BP nodonate', False, donate=False),
+    Variant('GHL bf16', True, dtype='bfloat16'), Variant('BP bf16', False, dtype='bfloat16'),
+    Variant('user GHL bf16', True, loop='user', dtype='bfloat16'),
+    Variant('user BP bf16', False, loop='user', dtype='bfloat16'),
+    Variant('GHL bf16 xla', True, 'xla', dtype='bfloat16'),
 )}
 GROUPS = {
     'ghl,bp': ('GHL', 'BP'),
     'user': ('user GHL', 'user BP', 'GHL', 'BP', 'user GHL v1', 'user BP v1'),
+    'bf16': ('user GHL bf16', 'user BP bf16', 'user GHL', 'user BP', 'GHL bf16', 'BP bf16', 'GHL', 'BP'),
     'changes': ('GHL xla+flaxpool+taps', 'BP xla+flaxpool+taps', 'GHL xla+taps', 'BP xla+taps',
                 'GHL xla', 'GHL taps', 'GHL', 'BP', 'GHL nodonate', 'BP nodonate'),
 }
@@ -296,7 +302,9 @@ def run(args) -> dict:
   kwargs = {'num_classes': args.num_classes}
   if args.model.startswith(('deephebb', 'fasthebb')) or args.width != 1.0:
     kwargs['width'] = args.width
-  model = models.build(args.model, **kwargs)
+  built = {dtype: models.build(args.model, **kwargs, dtype=jnp.dtype(dtype))
+           for dtype in dict.fromkeys(v.dtype for v in args.variant_list)}
+  model = built.get('float32') or next(iter(built.values()))
   images = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, 3))
   batch = {'image': images, 'label': jnp.arange(args.batch) % args.num_classes}
   t_inv, layers = default_ghl_layers(args.model)
@@ -304,40 +312,46 @@ def run(args) -> dict:
   load_before = load_average()
   total = args.warmup + args.steps + 1
   variables = init_variables(model, batch)
-  runners = [Runner(model, v, batch, t_inv, total, variables=variables) for v in args.variant_list]
-  chain, chain_flops = matmul_chain(size, 8)
-  operands = matmul_operands(size)
-  block(chain(*operands))
-  peaks, cpu_peaks = [], []
+  runners = [Runner(built[v.dtype], v, batch, t_inv, total, variables=variables) for v in args.variant_list]
+  chains = {dtype: (matmul_chain(size, 8, jnp.dtype(dtype)), matmul_operands(size, jnp.dtype(dtype)))
+            for dtype in dict.fromkeys(['float32', *built])}
+  for (chain, _), operands in chains.values():
+    block(chain(*operands))
+  peaks = {dtype: [] for dtype in chains}
+  cpu_peaks = {dtype: [] for dtype in chains}
   for round_ in range(args.warmup + args.steps):
     record = round_ >= args.warmup
     for runner in runners:
       runner.run(record)
-    with CpuClock() as clock:
-      start = time.perf_counter()
-      block(chain(*operands))
-      wall = time.perf_counter() - start
-    if record:
-      peaks.append(chain_flops / wall)
-      cpu_peaks.append(chain_flops / clock.process)
-  peak, cpu_peak = statistics.median(peaks), statistics.median(cpu_peaks)
+    for dtype, ((chain, chain_flops), operands) in chains.items():
+      with CpuClock() as clock:
+        start = time.perf_counter()
+        block(chain(*operands))
+        wall = time.perf_counter() - start
+      if record:
+        peaks[dtype].append(chain_flops / wall)
+        cpu_peaks[dtype].append(chain_flops / clock.process)
+  peak_of = {dtype: statistics.median(p) for dtype, p in peaks.items()}
+  cpu_peak_of = {dtype: statistics.median(p) for dtype, p in cpu_peaks.items()}
+  peak, cpu_peak = peak_of['float32'], cpu_peak_of['float32']
   rows = []
   for r in runners:
     median = statistics.median(r.times)
     model_count = flops['GHL' if r.variant.ghl else 'BP']
     rows.append({
-        'variant': r.variant.label, 'median_s': median, 'min_s': min(r.times),
+        'variant': r.variant.label, 'dtype': r.variant.dtype, 'median_s': median, 'min_s': min(r.times),
         'images_per_s': args.batch / median, 'model_flops': model_count, 'xla_flops': r.xla_flops,
-        'fraction_of_peak': model_count / median / peak, 'compile_s': r.compile_s, 'loss': r.loss,
+        'fraction_of_peak': model_count / median / peak_of[r.variant.dtype], 'compile_s': r.compile_s,
+        'loss': r.loss,
         'cores_busy': statistics.median(c / t for c, t in zip(r.cpu, r.times)),
         'cpu_s': statistics.median(r.cpu),
-        'cpu_fraction_of_peak': model_count / statistics.median(r.cpu) / cpu_peak,
+        'cpu_fraction_of_peak': model_count / statistics.median(r.cpu) / cpu_peak_of[r.variant.dtype],
         'other_cores': statistics.median((m - c) / t for m, c, t in zip(r.machine, r.cpu, r.times)),
     })
   return {'model': args.model, 'width': args.width, 'batch': args.batch, 'image_size': args.image_size,
           'steps': args.steps, 'warmup': args.warmup, 'device': device.device_kind,
           'platform': device.platform, 'jax': jax.__version__, 'matmul_size': size, 'peak_flops': peak,
-          'cpu_peak_flops': cpu_peak,
+          'cpu_peak_flops': cpu_peak, 'peak_flops_by_dtype': peak_of,
           'peak_spread': (min(peaks), max(peaks)), 'malloc': args.malloc, 'load_before': load_before,
           'load_after': load_average(), 'cpu_count': os.cpu_count(), 'rows': rows}
 
@@ -348,6 +362,7 @@ def table(report: dict) -> str:
           + (' cores busy | others (cores) | CPU s | % of peak per CPU s |' if cpu else '')
           + ' compile (s) |')
   lines = [head, '|---' + '|---:' * (head.count('|') - 2) + '|']
+  # '% of peak' is of the matmul peak in the variant's own compute dtype
   for r in report['rows']:
     achieved = r['model_flops'] / r['median_s']
     line = (f"| {r['variant']} | {1e3 * r['median_s']:.0f} | {r['images_per_s']:.1f} | "
@@ -384,7 +399,9 @@ def main(argv=None):
   print(f"float32 matmul peak ({report['matmul_size']}² chain, median of rounds): "
         f"{report['peak_flops'] / 1e12:.3f} TFLOP/s (rounds {lo / 1e12:.3f}-{hi / 1e12:.3f}; "
         f"{report['cpu_peak_flops'] / 1e12:.3f} TFLOP per CPU s); "
-        f"load average {report['load_before']} before, {report['load_after']} after\n")
+        + ''.join(f"{dtype} peak {value / 1e12:.3f} TFLOP/s (float32 accumulation); "
+                  for dtype, value in report['peak_flops_by_dtype'].items() if dtype != 'float32')
+        + f"load average {report['load_before']} before, {report['load_after']} after\n")
   print(table(report))
   print()
   for line in ratios(report):

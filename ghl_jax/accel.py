@@ -2,13 +2,14 @@
 
 ``impl`` is ``'auto'`` (the kernels measured to be faster on this backend: ``'gemm'`` on CPU,
 ``'xla'`` elsewhere), ``'gemm'`` (the CPU kernels: convolutions with a two-GEMM backward pass,
-max pooling with a fused backward pass) or ``'xla'`` (XLA's own ops everywhere)::
+max pooling with a fused backward pass, bfloat16 products accumulated in float32 in convolutions
+and dense layers) or ``'xla'`` (XLA's own ops everywhere)::
 
     with ghl_jax.accel.use('auto'):            # every nn.Conv / models.layers.MaxPool inside
       loss, grads = jax.value_and_grad(loss_fn)(params)
 
-Models are not touched: the swap goes through ``nn.Conv``'s ``conv_general_dilated`` hook and
-an interceptor of :class:`ghl_jax.models.layers.MaxPool` calls. :func:`ghl_jax.value_and_grad`
+Models are not touched: the swap goes through ``nn.Conv``'s ``conv_general_dilated`` and
+``nn.Dense``/``nn.DenseGeneral``'s ``dot_general`` hooks and an interceptor of :class:`ghl_jax.models.layers.MaxPool` calls. :func:`ghl_jax.value_and_grad`
 uses this seam; so does the trainer, which also calls :func:`prepare_host`.
 """
 from __future__ import annotations
@@ -40,23 +41,36 @@ def has_own_conv(module: nn.Conv) -> bool:
   return module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None
 
 
+def has_own_dot(module) -> bool:
+  """Whether an ``nn.Dense``/``nn.DenseGeneral`` brings its own ``dot_general``."""
+  return module.dot_general is not None or module.dot_general_cls is not None
+
+
 @contextlib.contextmanager
-def conv_hook(module: nn.Conv, conv: Callable):
-  """Runs ``module`` (an ``nn.Conv``) with ``conv`` as its ``conv_general_dilated`` inside."""
-  object.__setattr__(module, 'conv_general_dilated', conv)
+def _hook(module, name: str, fn: Callable):
+  object.__setattr__(module, name, fn)
   try:
     yield
   finally:
-    object.__setattr__(module, 'conv_general_dilated', None)
+    object.__setattr__(module, name, None)
+
+
+def conv_hook(module: nn.Conv, conv: Callable):
+  """Runs ``module`` (an ``nn.Conv``) with ``conv`` as its ``conv_general_dilated`` inside."""
+  return _hook(module, 'conv_general_dilated', conv)
 
 
 def _swap(next_fun, args, kwargs, context):
-  """An ``nn.Conv`` call with the GEMM backward; a ``MaxPool`` call with the fused backward."""
+  """An ``nn.Conv`` call with the GEMM backward; ``nn.Dense``/``nn.DenseGeneral`` with low-precision
+  products accumulated in float32; a ``MaxPool`` call with the fused backward."""
   module = context.module
   if context.method_name != '__call__':
     return next_fun(*args, **kwargs)
   if isinstance(module, nn.Conv) and not has_own_conv(module):
     with conv_hook(module, kernels.conv.conv_general_dilated):
+      return next_fun(*args, **kwargs)
+  if isinstance(module, (nn.Dense, nn.DenseGeneral)) and not has_own_dot(module):
+    with _hook(module, 'dot_general', kernels.matmul.dot_general):
       return next_fun(*args, **kwargs)
   if isinstance(module, MaxPool):
     x = args[0] if args else kwargs['inputs']

@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ghl_jax.kernels.matmul import dot as _dot
+from ghl_jax.kernels.matmul import low_precision
+
 
 class Geometry(NamedTuple):
   """A channels-last convolution: per spatial axis strides, ``(low, high)`` zero padding and
@@ -109,17 +112,15 @@ def patch_product(cols, cotangent, kernel_shape, geometry: Geometry, accumulate=
   features = kernel_shape[-1]
   c = cotangent.reshape(-1, features)
   if cols.dtype != c.dtype:
-    cols, c = cols.astype(jnp.float32), c.astype(jnp.float32)
+    c = c.astype(cols.dtype)
   g = geometry.groups
   if g == 1:
-    product = lax.dot_general(cols, c, (((0,), (0,)), ((), ())), precision=geometry.precision,
-                              preferred_element_type=accumulate)
+    product = _dot(cols, c, (((0,), (0,)), ((), ())), geometry.precision, accumulate)
     return product.reshape(kernel_shape)
   per_group = kernel_shape[-2]
   taps = cols.shape[-1] // (g * per_group)
   cols = cols.reshape(-1, taps, g, per_group).transpose(2, 0, 1, 3).reshape(g, cols.shape[0], -1)
-  product = lax.dot_general(cols, _grouped(c, g), (((1,), (1,)), ((0,), (0,))),
-                            precision=geometry.precision, preferred_element_type=accumulate)
+  product = _dot(cols, _grouped(c, g), (((1,), (1,)), ((0,), (0,))), geometry.precision, accumulate)
   product = product.reshape(g, taps, per_group, features // g).transpose(1, 2, 0, 3)
   return product.reshape(kernel_shape)
 
@@ -129,14 +130,13 @@ def patch_apply(cols, kernel, out_shape, geometry: Geometry) -> jax.Array:
   features = kernel.shape[-1]
   g = geometry.groups
   if g == 1:
-    u = lax.dot_general(cols, kernel.reshape(-1, features), (((1,), (0,)), ((), ())),
-                        precision=geometry.precision)
+    u = _dot(cols, kernel.reshape(-1, features), (((1,), (0,)), ((), ())), geometry.precision)
     return u.reshape(out_shape)
   per_group = kernel.shape[-2]
   taps = cols.shape[-1] // (g * per_group)
   cols = cols.reshape(-1, taps, g, per_group).transpose(2, 0, 1, 3).reshape(g, cols.shape[0], -1)
   w = kernel.reshape(taps, per_group, g, features // g).transpose(2, 0, 1, 3).reshape(g, -1, features // g)
-  u = lax.dot_general(cols, w, (((2,), (1,)), ((0,), (0,))), precision=geometry.precision)
+  u = _dot(cols, w, (((2,), (1,)), ((0,), (0,))), geometry.precision)
   return u.transpose(1, 0, 2).reshape(out_shape)
 
 
@@ -147,16 +147,24 @@ def input_grad(cotangent, kernel, in_shape, geometry: Geometry) -> jax.Array:
   g = geometry.groups
   delta = cotangent.reshape(-1, features)
   if g == 1:
-    cols = lax.dot_general(delta, kernel.reshape(-1, features), (((1,), (1,)), ((), ())),
-                           precision=geometry.precision)
+    cols = _dot(delta, kernel.reshape(-1, features), (((1,), (1,)), ((), ())), geometry.precision)
   else:
     w = kernel.reshape(-1, g, features // g).transpose(1, 0, 2)           # (G, taps·Cg, Fg)
-    cols = lax.dot_general(_grouped(delta, g), w, (((2,), (2,)), ((0,), (0,))),
-                           precision=geometry.precision)                  # (G, sites, taps·Cg)
+    cols = _dot(_grouped(delta, g), w, (((2,), (2,)), ((0,), (0,))),
+                geometry.precision)                                       # (G, sites, taps·Cg)
     taps = cols.shape[-1] // kernel.shape[-2]
     cols = cols.reshape(g, -1, taps, kernel.shape[-2]).transpose(1, 2, 0, 3)
   cols = cols.reshape(cotangent.shape[:-1] + (-1,))
   return col2im(cols, in_shape, kernel_spatial, geometry)
+
+
+def _forward(x, kernel, geometry: Geometry) -> jax.Array:
+  """``u``: XLA's convolution, or in low precision ``P W`` accumulated in float32 (XLA:CPU's own
+  bfloat16 convolution runs below its float32 one)."""
+  if not low_precision(x.dtype):
+    return _xla_conv(x, kernel, geometry)
+  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
+  return patch_apply(patch_matrix(x, kernel.shape[:-2], geometry), kernel, out_shape, geometry)
 
 
 def _conv_grads(geometry, x, kernel, cols, cotangent):
@@ -167,11 +175,11 @@ def _conv_grads(geometry, x, kernel, cols, cotangent):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _gemm_conv(x, kernel, geometry):
-  return _xla_conv(x, kernel, geometry)
+  return _forward(x, kernel, geometry)
 
 
 def _gemm_conv_fwd(x, kernel, geometry):
-  return _xla_conv(x, kernel, geometry), (x, kernel)
+  return _forward(x, kernel, geometry), (x, kernel)
 
 
 def _gemm_conv_bwd(geometry, residuals, cotangent):
@@ -233,21 +241,20 @@ def _zeros(tree):
 
 
 def _term(term, context, x, kernel, u, cols, geometry) -> jax.Array:
-  product = lambda c: patch_product(cols, c.astype(jnp.float32), kernel.shape, geometry,
-                                    accumulate=jnp.float32)
+  product = lambda c: patch_product(cols, c, kernel.shape, geometry, accumulate=jnp.float32)
   return lax.stop_gradient(term(context, x, kernel, u, product)).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _conv_with_term(x, kernel, probe, context, geometry, term, forward):
   del probe, context, term, forward
-  return _xla_conv(x, kernel, geometry)
+  return _forward(x, kernel, geometry)
 
 
 def _conv_with_term_fwd(x, kernel, probe, context, geometry, term, forward):
   del probe
   if not forward:
-    u = _xla_conv(x, kernel, geometry)
+    u = _forward(x, kernel, geometry)
     return u, (x, kernel, u, context)
   cols = patch_matrix(x, kernel.shape[:-2], geometry)
   out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
