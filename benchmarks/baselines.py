@@ -105,6 +105,11 @@ def parse_args(argv=None):
   return args
 
 
+def pooled(args) -> bool:
+  """Several seeds: one run per seed, the table over seeds by ``experiments.report``."""
+  return len(args.seeds) > 1
+
+
 def shrink(c, dataset: str, args, full_hebbian: bool = False) -> None:
   """The budget of this benchmark applied to a full config (``full_hebbian``: all of the
   recipe's unsupervised epochs, then the budget's probe)."""
@@ -152,8 +157,7 @@ def run_row(name: str, dataset: str, args, seed: int = 0) -> dict:
   config = build(dataset)
   shrink(config, dataset, args, full_hebbian=name in FULL_HEBBIAN_ROWS)
   config.seed = seed
-  pooled = len(args.seeds) > 1
-  workdir = os.path.join(args.workdir, dataset, f'{name}_seed{seed}' if pooled else name)
+  workdir = os.path.join(args.workdir, dataset, f'{name}_seed{seed}' if pooled(args) else name)
   shutil.rmtree(workdir, ignore_errors=True)
   _Clock.marks = []
   train.loop.Progress = _Clock
@@ -202,10 +206,13 @@ def table(rows: list, args) -> str:
   return '\n'.join(lines)
 
 
-def section(rows: list, args, figures: list) -> str:
-  device = jax.devices()[0]
+def _machine() -> str:
   cpu = platform.processor() or platform.machine()
-  machine = f'{device.platform.upper()} ({cpu}, {os.cpu_count()} cores, shared)'
+  return f'{jax.devices()[0].platform.upper()} ({cpu}, {os.cpu_count()} cores, shared)'
+
+
+def section(rows: list, args, figures: list) -> str:
+  machine = _machine()
   off_budget = any(r['name'] in FULL_HEBBIAN_ROWS for r in rows)
   budget = (f'width {args.width}, {args.steps} steps × {BATCH} images per run (Hebbian baselines: half '
             f'of the images in the unsupervised phase at their own batch size, half in the probe), '
@@ -227,13 +234,11 @@ def pooled_section(rows: list, args) -> str:
   """The rows' workdirs tabulated by ``experiments.report`` (seeds pooled: mean ± std)."""
   from experiments import report  # pylint: disable=import-outside-toplevel
   runs = [report.load(r['workdir']) for r in rows]
-  device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
   seeds = ','.join(map(str, args.seeds))
   return '\n'.join([
       POOLED_HEADING, '',
       f'`python -m benchmarks.baselines --datasets {args.datasets} --rows {args.rows} --seeds {seeds}` on '
-      f'{device.platform.upper()} ({cpu}, {os.cpu_count()} cores, shared): the budget of the section above '
+      f'{_machine()}: the budget of the section above '
       f'(width {args.width}, {args.steps} steps × {BATCH} images, test top-1 on the first '
       f'{args.eval_examples} test images), one run per seed, tabulated by `python -m experiments.report '
       'WORKDIR... --markdown` (one evaluation at the end, so last = best).', '',
@@ -270,7 +275,6 @@ def main(argv=None):
   ablation_sets = set(args.ablations_on.split(','))
   rows, figures = [], []
   done = _previous_rows(args) if args.reuse else {}
-  pooled = len(args.seeds) > 1
   for dataset in args.datasets.split(','):
     for name in chosen:
       if name in ABLATION_ROWS + FULL_HEBBIAN_ROWS and dataset not in ablation_sets:
@@ -278,14 +282,14 @@ def main(argv=None):
       for seed in args.seeds:
         row = done.get((dataset, name, seed)) or run_row(name, dataset, args, seed)
         rows.append(row)
-        if not pooled and name in FIELD_ROWS and row['top1'] == row['top1']:
+        if not pooled(args) and name in FIELD_ROWS and row['top1'] == row['top1']:
           figures.append(plot_row_fields(row, args.figures))
         with open(args.out, 'w') as f:
           json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
-  text = pooled_section(rows, args) if pooled else section(rows, args, figures)
+  text = pooled_section(rows, args) if pooled(args) else section(rows, args, figures)
   print(text)
   if args.results:
-    write_section(args.results, text, POOLED_HEADING if pooled else HEADING)
+    write_section(args.results, text, POOLED_HEADING if pooled(args) else HEADING)
 
 
 if __name__ == '__main__':

@@ -352,7 +352,8 @@ def run(args) -> dict:
           'steps': args.steps, 'warmup': args.warmup, 'device': device.device_kind,
           'platform': device.platform, 'jax': jax.__version__, 'matmul_size': size, 'peak_flops': peak,
           'cpu_peak_flops': cpu_peak, 'peak_flops_by_dtype': peak_of,
-          'peak_spread': (min(peaks['float32']), max(peaks['float32'])), 'malloc': args.malloc, 'load_before': load_before,
+          'peak_spread': (min(peaks['float32']), max(peaks['float32'])), 'malloc': args.malloc,
+          'load_before': load_before,
           'load_after': load_average(), 'cpu_count': os.cpu_count(), 'rows': rows}
 
 

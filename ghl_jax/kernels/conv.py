@@ -158,13 +158,18 @@ def input_grad(cotangent, kernel, in_shape, geometry: Geometry) -> jax.Array:
   return col2im(cols, in_shape, kernel_spatial, geometry)
 
 
+def _patch_conv(x, kernel, cols, geometry: Geometry) -> jax.Array:
+  """``u = P W`` from ``x``'s patches ``cols``, in the convolution's output shape."""
+  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
+  return patch_apply(cols, kernel, out_shape, geometry)
+
+
 def _forward(x, kernel, geometry: Geometry) -> jax.Array:
   """``u``: XLA's convolution, or in low precision ``P W`` accumulated in float32 (XLA:CPU's own
   bfloat16 convolution runs below its float32 one)."""
   if not low_precision(x.dtype):
     return _xla_conv(x, kernel, geometry)
-  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
-  return patch_apply(patch_matrix(x, kernel.shape[:-2], geometry), kernel, out_shape, geometry)
+  return _patch_conv(x, kernel, patch_matrix(x, kernel.shape[:-2], geometry), geometry)
 
 
 def _conv_grads(geometry, x, kernel, cols, cotangent):
@@ -257,8 +262,7 @@ def _conv_with_term_fwd(x, kernel, probe, context, geometry, term, forward):
     u = _forward(x, kernel, geometry)
     return u, (x, kernel, u, context)
   cols = patch_matrix(x, kernel.shape[:-2], geometry)
-  out_shape = (x.shape[0],) + geometry.out_spatial(x.shape[1:-1], kernel.shape[:-2]) + kernel.shape[-1:]
-  u = patch_apply(cols, kernel, out_shape, geometry)
+  u = _patch_conv(x, kernel, cols, geometry)
   return u, (x, kernel, _term(term, context, x, kernel, u, cols, geometry), context)
 
 
