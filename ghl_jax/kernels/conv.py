@@ -79,21 +79,22 @@ def patches(x, kernel_spatial, geometry: Geometry) -> jax.Array:
   return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
 
 
+def _place(piece, offset, in_shape, geometry: Geometry) -> jax.Array:
+  """One tap's ``(batch, *out, C)`` block added back at its offset: zero-padded to ``in_shape``."""
+  config = [(0, 0, 0)]
+  for o, d, (lo, _), m, s, size in zip(offset, geometry.dilation, geometry.padding, piece.shape[1:-1],
+                                       geometry.strides, in_shape[1:-1]):
+    low = o * d - lo
+    config.append((low, size - low - (m - 1) * s - 1, s - 1))
+  return lax.pad(piece, jnp.zeros((), piece.dtype), config + [(0, 0, 0)])
+
+
 def col2im(cols, in_shape, kernel_spatial, geometry: Geometry) -> jax.Array:
   """Adjoint of :func:`patches`: ``cols (batch, *out, taps·C)`` summed back into ``in_shape``."""
   channels = in_shape[-1]
-  out = cols.shape[1:-1]
-  total = None
-  for t, offset in enumerate(_tap_offsets(kernel_spatial)):
-    piece = cols[..., t * channels:(t + 1) * channels]
-    config = [(0, 0, 0)]
-    for o, d, (lo, _), m, s, size in zip(offset, geometry.dilation, geometry.padding, out,
-                                         geometry.strides, in_shape[1:-1]):
-      low = o * d - lo
-      config.append((low, size - low - (m - 1) * s - 1, s - 1))
-    placed = lax.pad(piece, jnp.zeros((), cols.dtype), config + [(0, 0, 0)])
-    total = placed if total is None else total + placed
-  return total
+  pieces = (_place(cols[..., t * channels:(t + 1) * channels], offset, in_shape, geometry)
+            for t, offset in enumerate(_tap_offsets(kernel_spatial)))
+  return functools.reduce(jnp.add, pieces)
 
 
 def _grouped(a, groups: int):
@@ -140,18 +141,31 @@ def patch_apply(cols, kernel, out_shape, geometry: Geometry) -> jax.Array:
   return u.transpose(1, 0, 2).reshape(out_shape)
 
 
+def _input_grad_by_tap(delta, kernel, out_shape, in_shape, geometry: Geometry) -> jax.Array:
+  """``∂x = Σ_t place_t(δ W_tᵀ)``: one float32-accumulated GEMM per kernel tap, summed in
+  float32 (XLA:CPU rounds every bfloat16 add; one wide GEMM into ``(sites, taps·C)`` runs below
+  the bfloat16 peak)."""
+  pieces = (_place(_dot(delta, kernel[offset], (((1,), (1,)), ((), ())), geometry.precision,
+                        jnp.float32).reshape(out_shape + (-1,)), offset, in_shape, geometry)
+            for offset in _tap_offsets(kernel.shape[:-2]))
+  return functools.reduce(jnp.add, pieces)
+
+
 def input_grad(cotangent, kernel, in_shape, geometry: Geometry) -> jax.Array:
   """``∂x = col2im(δ Wᵀ)``."""
   kernel_spatial = kernel.shape[:-2]
   features = kernel.shape[-1]
   g = geometry.groups
   delta = cotangent.reshape(-1, features)
+  if g == 1 and low_precision(delta.dtype):
+    return _input_grad_by_tap(delta, kernel, cotangent.shape[:-1], in_shape, geometry)
   if g == 1:
     cols = _dot(delta, kernel.reshape(-1, features), (((1,), (1,)), ((), ())), geometry.precision)
   else:
     w = kernel.reshape(-1, g, features // g).transpose(1, 0, 2)           # (G, taps·Cg, Fg)
+    wide = jnp.float32 if low_precision(delta.dtype) else None            # col2im in float32
     cols = _dot(_grouped(delta, g), w, (((2,), (2,)), ((0,), (0,))),
-                geometry.precision)                                       # (G, sites, taps·Cg)
+                geometry.precision, wide)                                 # (G, sites, taps·Cg)
     taps = cols.shape[-1] // kernel.shape[-2]
     cols = cols.reshape(g, -1, taps, kernel.shape[-2]).transpose(1, 2, 0, 3)
   cols = cols.reshape(cotangent.shape[:-1] + (-1,))

@@ -61,6 +61,9 @@ def _max_pool_bwd(window, strides, pads, residuals, cotangent):
   for t in reversed(range(len(windows))):
     first = jnp.where(windows[t] == y, t, first)
   first = lax.optimization_barrier(first)        # one pass, not one per offset below
+  dtype = cotangent.dtype
+  if jnp.finfo(dtype).bits < 32:                 # XLA:CPU rounds after every add in bfloat16: slow
+    cotangent = cotangent.astype(jnp.float32)
   zero = jnp.zeros((), cotangent.dtype)
   grad = None
   for t, offset in enumerate(_offsets(window)):
@@ -69,7 +72,7 @@ def _max_pool_bwd(window, strides, pads, residuals, cotangent):
       config.append((o - lo, n - (o - lo) - (m - 1) * s - 1, s - 1))
     placed = lax.pad(jnp.where(first == t, cotangent, zero), zero, config + [(0, 0, 0)])
     grad = placed if grad is None else grad + placed
-  return (grad,)
+  return (grad.astype(dtype),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
