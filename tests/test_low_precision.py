@@ -82,17 +82,34 @@ def test_dot_general_leaves_float32_and_explicit_types_alone():
   assert typed(a, b).dtype == BF16
 
 
-def test_bfloat16_conv_runs_as_gemms_accumulating_in_float32():
-  x, w = _bf16(1, (2, 6, 6, 3)), _bf16(2, (3, 3, 3, 4))
-  conv = lambda x, w: kernels.conv.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')).astype(jnp.float32).sum()
+# (strides, padding, kernel dilation, feature groups): the per-tap input gradient and the
+# channel-major patches of the bf16 weight product must cover each
+CONVS = {
+    'same': ((1, 1), 'SAME', (1, 1), 1),
+    'strided_asymmetric': ((2, 1), ((1, 0), (2, 1)), (1, 1), 1),
+    'dilated_valid': ((1, 1), 'VALID', (2, 1), 1),
+    'grouped': ((1, 2), 'SAME', (1, 1), 3),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CONVS))
+def test_bfloat16_conv_runs_as_gemms_accumulating_in_float32(name):
+  strides, padding, dilation, groups = CONVS[name]
+  x, w = _bf16(1, (2, 7, 6, 3 * groups)), _bf16(2, (3, 2, 3, 4 * groups))
+  kwargs = dict(rhs_dilation=dilation, feature_group_count=groups,
+                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  cotangent = _bf16(3, jax.eval_shape(lambda: jax.lax.conv_general_dilated(
+      x, w, strides, padding, **kwargs)).shape)
+  conv = lambda x, w: (kernels.conv.conv_general_dilated(x, w, strides, padding, **kwargs)
+                       .astype(jnp.float32) * cotangent).sum()
   grad = jax.grad(conv, (0, 1))
   text = str(jax.make_jaxpr(grad)(x, w))
   assert 'conv_general_dilated' not in text       # forward too: P·W (XLA:CPU's bf16 conv is slow)
   assert _low_precision_accumulation(grad, x, w) == {'float32'}
-  reference = jax.grad(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')).sum(), (0, 1))
+  reference = jax.grad(lambda x, w: (jax.lax.conv_general_dilated(x, w, strides, padding, **kwargs)
+                                     * cotangent.astype(jnp.float32)).sum(), (0, 1))
   for got, want in zip(grad(x, w), reference(x.astype(jnp.float32), w.astype(jnp.float32))):
+    assert got.dtype == BF16
     _close(got, want)
 
 
