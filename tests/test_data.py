@@ -339,6 +339,26 @@ def test_offline_fashion_mnist_idx_round_trip(tmp_path):
   assert data.info(cfg) == data.DatasetInfo(10, (28, 28, 1), 10, 4)
 
 
+def test_offline_cifar10_class_sorted_split_is_mixed_once(tmp_path):
+  """A test split stored class by class (as the shared CIFAR-10 copy is) is written in a fixed
+  shuffled order: every slice samples all classes; a mixed split keeps its order."""
+  source = tmp_path / 'npz'
+  source.mkdir()
+  rng = np.random.default_rng(0)
+  sorted_labels = np.repeat(np.arange(10), 20)
+  train_labels = rng.integers(0, 10, 50)
+  test_images = np.arange(200, dtype=np.uint8)[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+  np.savez(source / 'train-00000-of-00001.npz', image=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+           label=train_labels)
+  np.savez(source / 'test.npz', image=test_images, label=sorted_labels)
+  first, second = offline.read_cifar10_npz(str(source)), offline.read_cifar10_npz(str(source))
+  images, labels = first['test']
+  np.testing.assert_array_equal(labels, second['test'][1])          # one fixed order
+  np.testing.assert_array_equal(sorted_labels[images[:, 0, 0, 0]], labels)   # pairs kept
+  assert len(set(labels[:40].tolist())) == 10                        # a slice sees every class
+  np.testing.assert_array_equal(first['train'][1], train_labels)   # already mixed: untouched
+
+
 def test_read_idx_rejects_other_files(tmp_path):
   path = os.path.join(tmp_path, 'bad-idx3-ubyte')
   with open(path, 'wb') as f:

@@ -10,7 +10,9 @@ builder's features and split names, so ``tfds.load(name, data_dir=D, download=Fa
 Sources: ``cifar10`` reads ``train-*-of-*.npz`` shards (concatenated in shard order) and
 ``test.npz``, each with ``image`` uint8 [N,32,32,3] and ``label`` int [N]; ``mnist`` and
 ``fashion_mnist`` read the four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
-gzipped or not). Examples are keyed by their index, as the tfds builders key them.
+gzipped or not). Examples are keyed by their index, as the tfds builders key them. A split whose
+labels come sorted by class (some CIFAR-10 copies store the test images class by class) is written
+in one fixed shuffled order, so that a slice such as ``test[:5000]`` samples every class.
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ def _check_split(split: str, images: np.ndarray, labels: np.ndarray, source: str
     raise ValueError(f'{source}: {split} has {len(images)} images but labels of shape {labels.shape}.')
 
 
+def _class_mixed(images: np.ndarray, labels: np.ndarray) -> tuple:
+  """``(images, labels)`` as given, or under a fixed permutation (seed 0) if sorted by class."""
+  if len(np.unique(labels)) > 1 and np.all(np.diff(labels) >= 0):
+    order = np.random.default_rng(0).permutation(len(labels))
+    return images[order], labels[order]
+  return images, labels
+
+
 def read_cifar10_npz(source: str) -> Splits:
   """``{'train': ..., 'test': ...}`` from ``train-*-of-*.npz`` (in shard order) and ``test.npz``."""
   shards = sorted(glob.glob(os.path.join(source, 'train-*-of-*.npz')))
@@ -54,7 +64,7 @@ def read_cifar10_npz(source: str) -> Splits:
     images = np.concatenate([part['image'] for part in parts])
     labels = np.concatenate([part['label'] for part in parts]).astype(np.int64)
     _check_split(split, images, labels, source)
-    splits[split] = (images, labels)
+    splits[split] = _class_mixed(images, labels)
   return splits
 
 
@@ -84,7 +94,7 @@ def read_mnist_idx(source: str) -> Splits:
     images = read_idx(_find(source, f'{prefix}-images-idx3-ubyte'))[..., None]
     labels = read_idx(_find(source, f'{prefix}-labels-idx1-ubyte')).astype(np.int64)
     _check_split(split, images, labels, source)
-    splits[split] = (images, labels)
+    splits[split] = _class_mixed(images, labels)
   return splits
 
 
