@@ -4,8 +4,10 @@ import math
 import pathlib
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the benchmarks/ scripts
@@ -86,6 +88,59 @@ def test_accelerator_refuses_full_size_on_cpu():
   assert jax.default_backend() == 'cpu'
   with pytest.raises(SystemExit, match='no GPU/TPU'):
     accelerator.main(['--models', 'deephebb', '--dtypes', 'float32'])
+
+
+def _cifar10_npz(folder, train: int, test: int):
+  """A CIFAR-10 folder in the shared copy's format (test sorted by class), random pixels."""
+  rng = np.random.default_rng(0)
+  folder.mkdir()
+  np.savez(folder / 'train-00000-of-00001.npz', image=rng.integers(0, 256, (train, 32, 32, 3), dtype=np.uint8),
+           label=rng.integers(0, 10, train))
+  np.savez(folder / 'test.npz', image=rng.integers(0, 256, (test, 32, 32, 3), dtype=np.uint8),
+           label=np.sort(rng.integers(0, 10, test)))
+  return str(folder)
+
+
+def test_paper_run_epoch_is_the_trainer_step_over_a_permutation(tmp_path):
+  """One jitted epoch (scan + on-device gather) gives the params of the trainer's own step run
+  batch by batch over the same permutation."""
+  from benchmarks import paper_run  # pylint: disable=import-outside-toplevel
+  args = paper_run.parse_args(['--tiny', '--data', _cifar10_npz(tmp_path / 'npz', 128, 40)])
+  data = paper_run.load(args)
+  run = paper_run.Run('ghl', args, data)
+  state = jax.tree.map(jnp.copy, run.state)
+  run.train_epoch(data, args.seed)
+  images, labels = data['train']
+  order = jax.random.permutation(jax.random.fold_in(jax.random.key(args.seed), 0), 128).reshape(2, 64)
+  step = jax.jit(run.step_fn)
+  for idx in order:
+    state, _ = step(state, {'image': images[idx].astype(jnp.float32) / 127.5 - 1, 'label': labels[idx]})
+  chex.assert_trees_all_close(run.state['params'], state['params'], rtol=1e-4, atol=1e-6)
+  assert run.epochs == 1 and run.per_epoch == 2 and math.isfinite(run.loss)
+  test_images, test_labels = data['test']                # 40 images: one padded, masked chunk
+  logits = run.model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                           test_images.astype(jnp.float32) / 127.5 - 1, train=False)
+  hits = np.asarray(jnp.argmax(logits, -1) == test_labels)
+  assert run.top1(data) == pytest.approx(100 * hits.mean(), abs=1e-4)
+
+
+def test_paper_run_tiny_stops_at_its_budget_and_reports_both(tmp_path, capsys):
+  from benchmarks import paper_run  # pylint: disable=import-outside-toplevel
+  out = tmp_path / 'paper_run.json'
+  result = paper_run.main(['--tiny', '--data', _cifar10_npz(tmp_path / 'npz', 128, 40), '--epochs', '3',
+                           '--budget-s', '1e-6', '--json', str(out)])
+  assert json.loads(out.read_text())['gap'] == result['gap']
+  rows = {r['method']: r for r in result['rows']}
+  assert set(rows) == {'ghl', 'bp'} and result['stopped_at_budget']
+  for r in rows.values():                       # one epoch, then the stop: evaluated where it stopped
+    assert r['epochs'] == 1 and r['curve'] == [(1, r['top1'])] and 0 <= r['top1'] <= 100
+    assert r['step_ms'] > 0
+  assert result['gap'] == rows['ghl']['top1'] - rows['bp']['top1']
+  assert 'stopped at the wall-clock budget' in capsys.readouterr().out
+  with pytest.raises(SystemExit, match='no GPU/TPU'):
+    paper_run.main(['--data', str(tmp_path / 'npz')])
+  with pytest.raises(SystemExit, match='CIFAR10_NPZ'):
+    paper_run.main(['--tiny', '--data', str(tmp_path / 'missing')])
 
 
 def test_user_loop_runs_and_checks_its_goals(tmp_path):
