@@ -143,6 +143,33 @@ def test_paper_run_tiny_stops_at_its_budget_and_reports_both(tmp_path, capsys):
     paper_run.main(['--tiny', '--data', str(tmp_path / 'missing')])
 
 
+def test_epoch_share_times_every_phase_and_evaluates_every_test_image(tiny_tfds, monkeypatch, tmp_path):
+  """SoftHebb's config has two phases (unsupervised at its own batch, then the probe): a row each,
+  shares computed from the measured times; the eval pass sees all 40 test images."""
+  from benchmarks import epoch_share  # pylint: disable=import-outside-toplevel
+  data_dir, name = tiny_tfds
+
+  real = epoch_share.load_config
+
+  def tiny(config_name, _):
+    config = real(config_name, data_dir)
+    config.data.update({'name': name, 'shuffle_buffer': 10})
+    config.model.kwargs.width = 1 / 16
+    config.batch_size, config.eval_batch_size = 16, 16
+    config.hebbian.batch_size = 8
+    return config
+  monkeypatch.setattr(epoch_share, 'load_config', tiny)
+  rows = epoch_share.main(['--configs', 'cifar10_deephebb_softhebb', '--steps', '1', '--batches', '2',
+                           '--out', str(tmp_path / 'share.json'), '--results', ''])
+  assert [(r['phase'], r['batch'], r['steps_per_epoch']) for r in rows] == [('hebbian', 8, 12), ('probe', 16, 6)]
+  for r in rows:
+    assert r['eval_examples'] == 40 and 0 <= r['eval_top1'] <= 1
+    assert r['train_epoch_s'] == pytest.approx(r['steps_per_epoch'] * r['step_s'])
+    assert r['eval_share'] == pytest.approx(r['eval_s'] / r['train_epoch_s'])
+    assert r['input_share'] == pytest.approx(r['input_epoch_s'] / r['train_epoch_s'])
+  assert '| cifar10_deephebb_softhebb | probe | 16 |' in epoch_share.section(rows, epoch_share.parse_args([]))
+
+
 def test_user_loop_runs_and_checks_its_goals(tmp_path):
   from benchmarks import user_loop  # pylint: disable=import-outside-toplevel
   out = tmp_path / 'user_loop.json'
