@@ -11,7 +11,9 @@ so ``x → (B, S, C)``, ``u → (B, S, F)``, ``W → (B, C, F)`` is a dense laye
 ``|F|`` outputs at ``|S|`` sites, and any rule of :mod:`ghl_jax.rules` applies to it unchanged; its
 term ``(B, C, F)`` is laid back into the kernel's own axes. For attention's query/key/value kernels
 ``(embed, heads, head_dim)`` every head and head dimension is a neuron of one softmax competition;
-the out kernel ``(heads, head_dim, embed)`` has ``heads·head_dim`` inputs per neuron.
+the out kernel ``(heads, head_dim, embed)`` has ``heads·head_dim`` inputs per neuron. With
+``per_head`` the leading feature axes ``G`` (the heads) are separate layers too: ``W → (B, G, C, F)``
+with ``F`` the last output axis, every head a dense layer of its own on the same input.
 """
 from __future__ import annotations
 
@@ -69,20 +71,26 @@ def _to(array, spec_letters: str, target: str):
   return array.transpose(tuple(spec_letters.index(c) for c in target))
 
 
-def evaluate(rule: Callable, dense_layer, spec: Spec, x, u, kernel):
+def evaluate(rule: Callable, dense_layer, spec: Spec, x, u, kernel, per_head: bool = False):
   """``rule(x, u, kernel, layer)`` of the dense layer that ``spec`` describes, in the kernel's axes.
 
-  ``dense_layer`` is the :class:`ghl_jax.tap.Layer` of an ``nn.Dense`` with ``|F|`` features."""
+  ``dense_layer`` is the :class:`ghl_jax.tap.Layer` of an ``nn.Dense`` with ``|F|`` features;
+  ``per_head``: all feature axes but the last are separate layers (see the module docstring)."""
   batch, sites, contracted, features = _axes(spec)
+  groups, features = (features[:-1], features[-1:]) if per_head else ('', features)
   size = dict(zip(spec.x, x.shape))
   size.update(zip(spec.kernel, kernel.shape))
   n = lambda letters: math.prod(size[c] for c in letters)
   lead = tuple(size[c] for c in batch)
+  heads = tuple(size[c] for c in groups)
   x2 = _to(x, spec.x, batch + sites + contracted).reshape(lead + (n(sites), n(contracted)))
-  u2 = _to(u, spec.out, batch + sites + features).reshape(lead + (n(sites), n(features)))
-  k2 = _to(kernel, spec.kernel, batch + contracted + features).reshape(lead + (n(contracted), n(features)))
+  u2 = _to(u, spec.out, batch + groups + sites + features).reshape(lead + heads + (n(sites), n(features)))
+  k2 = _to(kernel, spec.kernel, batch + groups + contracted + features).reshape(
+      lead + heads + (n(contracted), n(features)))
   fn = lambda x, u, k: rule(x, u, k, dense_layer)
+  for _ in groups:
+    fn = jax.vmap(fn, in_axes=(None, 0, 0))
   for _ in batch:
     fn = jax.vmap(fn)
-  h = fn(x2, u2, k2).reshape(lead + tuple(size[c] for c in contracted + features))
-  return _to(h, batch + contracted + features, spec.kernel)
+  h = fn(x2, u2, k2).reshape(lead + heads + tuple(size[c] for c in contracted + features))
+  return _to(h, batch + groups + contracted + features, spec.kernel)

@@ -14,6 +14,10 @@ Every consumer reads the same object: :func:`ghl_jax.ghl`, :func:`ghl_jax.value_
   the first regex found in the kernel path) to float; unmatched layers use 1.0.
 * ``layers``: ``None`` (every ``nn.Conv`` kernel, the paper), a regex searched in '/'-joined
   kernel paths, or a collection of exact kernel paths.
+* ``per_head``: in general linear kernels with several output axes (attention's query/key/value
+  ``(embed, heads, head_dim)``), the leading output axes become separate layers, so the neurons of
+  each head compete only among themselves (softmax over the last output axis). Default ``False``:
+  all output axes flattened into one competition.
 * ``**hyper``: the rule's other keyword arguments (e.g. ``decay=False``).
 
 A ``Rule`` is hashable and static under ``jax.jit`` (a pytree with no leaves).
@@ -76,9 +80,10 @@ class Rule:
   t_inv: Union[float, tuple]          # a float, or ((module path or regex, float), ...)
   layers: Union[None, str, tuple]
   hyper: tuple                        # ((keyword, value), ...) of the rule function
+  per_head: bool = False
 
   def __init__(self, name: Union[str, Callable] = 'softmax_oja', *, t_inv: TInv = 1.0,
-               layers: Layers = None, **hyper):
+               layers: Layers = None, per_head: bool = False, **hyper):
     fn = rules_lib.get(name)
     params = _parameters(fn)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -101,6 +106,9 @@ class Rule:
     object.__setattr__(self, 't_inv', frozen_t_inv)
     object.__setattr__(self, 'layers', _frozen_layers(layers))
     object.__setattr__(self, 'hyper', tuple(sorted(hyper.items())))
+    if not isinstance(per_head, bool):
+      raise ValueError(f'Rule per_head must be True or False, got {per_head!r}.')
+    object.__setattr__(self, 'per_head', per_head)
 
   @classmethod
   def of(cls, rule: Union['Rule', str, Callable, None] = None, *, t_inv: TInv = 1.0,
@@ -123,7 +131,8 @@ class Rule:
   def replace(self, **changes) -> 'Rule':
     """A copy with some settings changed (``name``, ``t_inv``, ``layers`` or rule settings)."""
     name = changes.pop('name', self.name)
-    settings = {'t_inv': self.t_inv_mapping, 'layers': self.layers, **dict(self.hyper), **changes}
+    settings = {'t_inv': self.t_inv_mapping, 'layers': self.layers, 'per_head': self.per_head,
+                **dict(self.hyper), **changes}
     return Rule(name, **settings)
 
   @property
@@ -150,21 +159,33 @@ class Rule:
     value = per_layer(path, self.t_inv_mapping)
     return 1.0 if value is None else value
 
-  def term(self, path: str) -> Callable:
+  def term(self, path: str) -> 'Term':
     """``(x, u, kernel, layer) -> raw H`` of the kernel at ``path`` (its ``t_inv`` and settings bound)."""
-    fn = self.fn
     kwargs = dict(self.hyper)
-    if 't_inv' in _parameters(fn):
+    if 't_inv' in _parameters(self.fn):
       kwargs['t_inv'] = self.t_inv_for(path)
-    return lambda x, u, kernel, layer: fn(x, u, kernel, layer, **kwargs)
+    return Term(self.fn, tuple(sorted(kwargs.items())), self.per_head)
 
   def __repr__(self):
     name = self.name if isinstance(self.name, str) else getattr(self.name, '__name__', repr(self.name))
     shown = [repr(name), f't_inv={self.t_inv_mapping!r}']
     if self.layers is not None:
       shown.append(f'layers={self.layers!r}')
+    if self.per_head:
+      shown.append('per_head=True')
     shown += [f'{k}={v!r}' for k, v in self.hyper]
     return f'Rule({", ".join(shown)})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One kernel's bound rule: ``term(x, u, kernel, layer) -> raw H``; ``per_head`` as in :class:`Rule`."""
+  fn: Callable
+  kwargs: tuple
+  per_head: bool = False
+
+  def __call__(self, x, u, kernel, layer):
+    return self.fn(x, u, kernel, layer, **dict(self.kwargs))
 
 
 def per_layer(path: str, value: Union[float, Mapping[str, float]], default: Optional[float] = None

@@ -95,12 +95,16 @@ class Layer:
 
   def term(self, rule: Callable, x: jax.Array, u: jax.Array, kernel: jax.Array) -> jax.Array:
     """``rule(x, u, kernel, layer)`` of this layer: directly for Dense and convolutions; for
-    ``nn.DenseGeneral`` / ``nn.Einsum`` on the dense layer it is (:mod:`ghl_jax.linear_view`)."""
+    ``nn.DenseGeneral`` / ``nn.Einsum`` on the dense layer it is (:mod:`ghl_jax.linear_view`; one
+    per head if ``rule.per_head``)."""
     if not issubclass(self.module_type, GENERAL_TYPES):
       return rule(x, u, kernel, self)
     spec = self.spec(x.ndim)
-    features = math.prod(s for c, s in zip(spec.kernel, kernel.shape) if c not in spec.x)
-    return linear_view.evaluate(rule, Layer(nn.Dense, (('features', features),)), spec, x, u, kernel)
+    per_head = getattr(rule, 'per_head', False)
+    outputs = [s for c, s in zip(spec.kernel, kernel.shape) if c not in spec.x]
+    features = outputs[-1] if per_head else math.prod(outputs)
+    return linear_view.evaluate(rule, Layer(nn.Dense, (('features', features),)), spec, x, u, kernel,
+                                per_head=per_head)
 
   def linear_module(self) -> nn.Module:
     """The layer without bias, in float32: ``u = f(x; W)`` is linear in ``W``."""

@@ -229,6 +229,7 @@ HOSTILE = [
     ({'ghl.layers': 'no_such_layer'}, 'selects no tapped kernel'),
     ({'ghl.direction': 'up'}, 'direction must be one of'),
     ({'ghl.magnitude': 'huge'}, 'magnitude must be one of'),
+    ({'ghl.per_head': 'yes'}, 'per_head must be True or False'),
     ({'compute_dtype': 'float16'}, 'compute_dtype must be one of'),
     ({'data.augment': 'mixup'}, 'augment'),
     ({'data.normalize': 'zscore'}, 'normalize'),

@@ -96,6 +96,36 @@ def test_term_is_the_rule_of_the_flattened_dense_layer(name, jit):
     np.testing.assert_allclose(term.term, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
+def _query_per_head(x, u, w):  # as _query, but each of the 3 heads its own competition over k
+  x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, *w.shape[1:])
+  return [(x2, u2[:, h], w[:, h]) for h in range(w.shape[1])], lambda hs: np.stack(hs, axis=1)
+
+
+PER_HEAD_CASES = {        # kernels with one output axis are the same layer either way
+    'dense_general_query': (CASES['dense_general_query'][:2] + (_query_per_head,)),
+    'einsum_heads': CASES['einsum_heads'], 'dense_general_out': CASES['dense_general_out'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(PER_HEAD_CASES))
+def test_per_head_competition_is_one_dense_layer_per_head(name):
+  make, shape, flatten = PER_HEAD_CASES[name]
+  net = Wrapped(make())
+  x = jax.random.normal(jax.random.key(len(name)), shape)
+  params = net.init(jax.random.key(1), x)['params']
+  u = np.asarray(net.apply({'params': params}, x))
+  w = np.asarray(params['layer']['kernel'])
+  pieces, back = flatten(np.asarray(x), u, w)
+  expected = back([np_softmax_oja(*piece) for piece in pieces])
+  rule = ghl_jax.Rule('softmax_oja', t_inv=T_INV, layers='layer', per_head=True)
+  assert rule.replace(t_inv=1.0).per_head and 'per_head=True' in repr(rule)
+  loss = lambda p: jnp.sum(jnp.square(net.apply({'params': p}, x)))
+  taps = ghl_jax.hebbian_terms(params, ghl_jax.tap(net.apply)({'params': params}, x)[1], rule=rule)
+  for terms in (taps, jax.jit(ghl_jax.value_and_grad(loss, rule))(params)[2]):
+    np.testing.assert_allclose(terms['layer/kernel'].term, expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())
+
+
 def test_conv_transpose_fused_equals_taps():
   net = Wrapped(nn.ConvTranspose(3, (3, 3), strides=(2, 2), padding='SAME'))
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 2))

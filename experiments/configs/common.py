@@ -104,6 +104,7 @@ def base() -> ml_collections.ConfigDict:
       't_inv': ml_collections.ConfigDict(),  # {module path or regex: t_inv}; unmatched: 1.0
       'rule': 'softmax_oja', 'rule_kwargs': ml_collections.ConfigDict(),
       'direction': 'gradient', 'magnitude': 'hebbian',
+      'per_head': False,                 # True: each head of a multi-output kernel competes alone
   }, type_safe=False)                    # t_inv may become a per-layer mapping
   c.hebbian = ml_collections.ConfigDict({   # method 'hebbian': local rule (phase 1), then a probe
       'layers': placeholder(str),        # kernels trained by the rule; None: every nn.Conv kernel

@@ -109,7 +109,8 @@ def rule_of(config, section: str = 'ghl') -> Rule:
   rule's settings for the optimizer, the train step and the baselines."""
   settings = config[section]
   try:
-    return Rule(settings.rule, t_inv=plain(settings.t_inv), layers=settings.layers, **dict(settings.rule_kwargs))
+    return Rule(settings.rule, t_inv=plain(settings.t_inv), layers=settings.layers,
+                per_head=settings.get('per_head', False), **dict(settings.rule_kwargs))
   except ValueError as error:
     raise ConfigError(f'config.{section}: {error}') from None
 
