@@ -13,8 +13,12 @@ Layers: ``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and
 counterpart (:class:`ghl_jax.tap.Layer`), so a rule gives the same term as on the same linen
 model. The term of a selected layer comes back as the gradient of a zero probe, formed in the
 backward pass by the rule on the layer's input and output (products by the layer's vjp). Kernel
-paths are the '/'-joined paths of ``nnx.state(model, nnx.Param)``. Layers stacked by ``nnx.scan`` /
-``nnx.vmap`` are not supported (an error names them).
+paths are the '/'-joined paths of ``nnx.state(model, nnx.Param)``.
+
+The probe is a variable (:class:`HebbianProbe`) set on the layer for the call, shaped like its
+kernel, so ``nnx.scan`` / ``nnx.vmap`` slice it as they slice the kernel: layers stacked by them get
+a stacked term (``Hebbian.stacked`` leading axes), each slice normalised on its own by ``ghl()``.
+(:func:`tap` records calls outside such transforms only.)
 """
 from __future__ import annotations
 
@@ -65,17 +69,19 @@ def _path(parts) -> str:
   return '/'.join(str(p) for p in parts)
 
 
+class HebbianProbe(nnx.Variable):
+  """A layer's zero probe for one call: its gradient is the layer's raw Hebbian term."""
+
+
 @contextlib.contextmanager
-def _hooked(hooks: dict):
-  """Inside: a call of an NNX layer in ``hooks`` (by id) returns ``hooks[id](module, x, u)``."""
+def _hooked(hook: Callable):
+  """Inside: every call of an NNX layer returns ``hook(module, x, u)``."""
   originals = {cls: cls.__dict__['__call__'] for cls in LAYER_TYPES}
 
   def wrap(call):
     @functools.wraps(call)
     def hooked(self, inputs, *args, **kwargs):
-      out = call(self, inputs, *args, **kwargs)
-      hook = hooks.get(id(self))
-      return out if hook is None else hook(self, inputs, out)
+      return hook(self, inputs, call(self, inputs, *args, **kwargs))
     return hooked
   try:
     for cls, call in originals.items():
@@ -95,9 +101,6 @@ def selected_layers(model, rule: Rule) -> dict:
     path = _path(tuple(parts) + ('kernel',))
     if not rule.selects(path, isinstance(module, nnx.Conv)):
       continue
-    if module.kernel[...].ndim != layer_of(module).kernel_ndim:
-      raise ValueError(f'{path}: a kernel stacked by nnx.scan/nnx.vmap ({module.kernel[...].shape}); '
-                       'ghl_jax.nnx does not read stacked layers: leave it out of layers=.')
     chosen[path] = module
   if rule.layers is not None and not chosen:
     raise ValueError(f'Rule layers={rule.layers!r} selects no NNX layer; layers are '
@@ -105,17 +108,41 @@ def selected_layers(model, rule: Rule) -> dict:
   return chosen
 
 
-def _attach(probe, rule_term: Callable, module, inputs, out):
-  layer = layer_of(module)
-  return fused.with_term(out, probe, {'inputs': inputs, 'kernel': module.kernel[...]},
-                         fused.layer_term(rule_term, layer), False)
+def _stacked(module) -> int:
+  """Leading kernel axes added by ``nnx.scan`` / ``nnx.vmap`` (0 for a plain layer)."""
+  return module.kernel[...].ndim - layer_of(module).kernel_ndim
+
+
+def _with_probe(module, inputs, out):
+  """``out``, whose probe (if the layer carries one for this call) gets the layer's term."""
+  probe = getattr(module, '_ghl_probe', None)
+  if probe is None:
+    return out
+  term = fused.layer_term(module._ghl_term, layer_of(module))      # pylint: disable=protected-access
+  return fused.with_term(out, probe[...], {'inputs': inputs, 'kernel': module.kernel[...]}, term, False)
+
+
+@contextlib.contextmanager
+def _probes(chosen: dict, rule: Rule):
+  """Inside: each chosen layer carries a zero :class:`HebbianProbe` and its bound rule."""
+  try:
+    for path, module in chosen.items():
+      module._ghl_probe = HebbianProbe(jnp.zeros(module.kernel[...].shape, jnp.float32))
+      module._ghl_term = rule.term(path)
+    yield
+  finally:
+    for module in chosen.values():
+      for name in ('_ghl_probe', '_ghl_term'):
+        if name in vars(module):
+          delattr(module, name)
 
 
 def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool = False) -> Callable:
   """Like ``nnx.value_and_grad(fun, has_aux=...)`` with respect to the model (the first argument),
   also returning the raw Hebbian terms: ``grad_fn(model, *args) -> (value, grads, hebb)``, ``grads``
   an ``nnx.State`` of the params, ``hebb`` ``{kernel path: Hebbian}`` for the layers ``rule`` selects.
-  Works under ``nnx.jit`` and ``jax.jit``; hand ``hebb`` to ``optimizer.update(model, grads, hebb=hebb)``."""
+  Works under ``nnx.jit`` and ``jax.jit``, with layers stacked by ``nnx.scan`` / ``nnx.vmap``; hand
+  ``hebb`` to ``optimizer.update(model, grads, hebb=hebb)``."""
   if rule is not None and not isinstance(rule, Rule):
     raise TypeError(f'ghl_jax.nnx.value_and_grad takes a ghl_jax.Rule (or None), got {rule!r}.')
 
@@ -124,15 +151,13 @@ def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool 
       value, grads = nnx.value_and_grad(fun, has_aux=has_aux)(model, *args, **kwargs)
       return value, grads, {}
     chosen = selected_layers(model, rule)
-    probes = {path: jnp.zeros(module.kernel[...].shape, jnp.float32) for path, module in chosen.items()}
-
-    def probed(model, probes):
-      hooks = {id(module): functools.partial(_attach, probes[path], rule.term(path))
-               for path, module in selected_layers(model, rule).items()}
-      with _hooked(hooks):
-        return fun(model, *args, **kwargs)
-    value, (grads, terms) = nnx.value_and_grad(probed, argnums=(0, 1), has_aux=has_aux)(model, probes)
-    return value, grads, {path: Hebbian(jax.lax.stop_gradient(terms[path])) for path in chosen}
+    wrt = nnx.DiffState(0, nnx.Any(nnx.Param, HebbianProbe))
+    with _probes(chosen, rule), _hooked(_with_probe):
+      value, both = nnx.value_and_grad(fun, argnums=wrt, has_aux=has_aux)(model, *args, **kwargs)
+    grads, probes = nnx.split_state(both, nnx.Param, HebbianProbe)
+    terms = {_path(parts[:-1] + ('kernel',)): leaf for parts, leaf in nnx.to_flat_state(probes)}
+    return value, grads, {path: Hebbian(jax.lax.stop_gradient(terms[path][...]), _stacked(module))
+                          for path, module in chosen.items()}
 
   return grad_fn
 
@@ -147,12 +172,14 @@ def tap(fun: Callable) -> Callable:
              if isinstance(m, LAYER_TYPES)}
 
     def record(module, inputs, out):
+      if id(module) not in paths:                # a layer inside nnx.scan / nnx.vmap: not recorded
+        return out
       node = taps
       for key in paths[id(module)]:
         node = node.setdefault(key, {})
       node.update(inputs=inputs, outputs=out, layer=layer_of(module))
       return out
-    with _hooked({i: record for i in paths}):
+    with _hooked(record):
       out = fun(model, *args, **kwargs)
     return out, taps
   return tapped

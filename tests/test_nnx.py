@@ -118,6 +118,84 @@ def test_nnx_ghl_update_equals_linen(case):
                jax.tree.map(np.asarray, expected))
 
 
+class NnxResidual(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(6, 6, rngs=rngs)
+
+  def __call__(self, x):
+    return x + nnx.tanh(self.lin(x))
+
+
+class NnxScanMLP(nnx.Module):
+  """Three residual blocks made by nnx.vmap (kernels stacked (3, 6, 6)) and run by nnx.scan."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Linear(4, 6, rngs=rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+      return NnxResidual(rngs)
+    self.blocks = make(rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, block):
+      return block(x)
+    return self.head(body(self.embed(x), self.blocks))
+
+
+class NnxUnrolledMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Linear(4, 6, rngs=rngs)
+    self.block0, self.block1, self.block2 = (NnxResidual(rngs) for _ in range(3))
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.block2(self.block1(self.block0(self.embed(x)))))
+
+
+def test_nnx_scan_stacked_layers_get_one_term_per_block():
+  """GHL through nnx.scan equals GHL on the same blocks unrolled (each slice its own layer: its own
+  term and its own max-normalisation in ghl())."""
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  labels = jnp.array([0, 2, 1, 1, 0])
+  stacked = NnxScanMLP(nnx.Rngs(0))
+  unrolled = NnxUnrolledMLP(nnx.Rngs(1))
+  for name in ('embed', 'head'):
+    nnx.update(getattr(unrolled, name), nnx.state(getattr(stacked, name)))
+  for i in range(3):
+    block = getattr(unrolled, f'block{i}').lin
+    block.kernel[...] = stacked.blocks.lin.kernel[...][i]
+    block.bias[...] = stacked.blocks.lin.bias[...][i]
+  np.testing.assert_allclose(stacked(x), unrolled(x), rtol=1e-5, atol=1e-6)
+  rule = ghl_jax.Rule('softmax_oja', t_inv=0.5, layers=r'lin|head')
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+  def train(model):
+    optimizer = nnx.Optimizer(model, optax.chain(ghl_jax.ghl(rule=rule), optax.sgd(0.1)), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+      value, grads, hebb = ghl_jax.nnx.value_and_grad(loss, rule)(model)
+      optimizer.update(model, grads, hebb=hebb)
+      return value, hebb
+    return step(model, optimizer)
+  (loss_s, hebb_s), (loss_u, hebb_u) = train(stacked), train(unrolled)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
+  assert sorted(hebb_s) == ['blocks/lin/kernel', 'head/kernel'] and hebb_s['blocks/lin/kernel'].stacked == 1
+  for i in range(3):
+    np.testing.assert_allclose(hebb_s['blocks/lin/kernel'].term[i], hebb_u[f'block{i}/lin/kernel'].term,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stacked.blocks.lin.kernel[...][i], getattr(unrolled, f'block{i}').lin.kernel[...],
+                               rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stacked.head.kernel[...], unrolled.head.kernel[...], rtol=1e-5, atol=1e-7)
+  assert not hasattr(stacked.blocks.lin, '_ghl_probe')                 # the model is left as it was
+  assert sorted(k for k, _ in nnx.to_flat_state(nnx.state(stacked))) == sorted(
+      k for k, _ in nnx.to_flat_state(nnx.state(NnxScanMLP(nnx.Rngs(0)))))
+
+
 def test_nnx_taps_give_the_linen_terms():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
   params = LinenCNN().init(jax.random.key(1), x)['params']
