@@ -13,8 +13,9 @@ with ``P`` the input patches (one row per site = sample × output position; colu
 passes. In bfloat16 (XLA:CPU reaches its bf16 GEMM peak only with float32 accumulation, in row-major
 ``(M, K)·(K, N)`` form, and rounds after every bf16 elementwise op) the forward pass is ``P W`` too,
 ``∂x = Σ_t place_t(δ W_tᵀ)`` (one GEMM per tap, summed in float32) and ``∂W = Pᵀ δ`` is taken from
-the channel-major ``Pᵀ`` (sliced from ``x`` moved to channels-first), each accumulated in float32. On XLA:CPU this replaces backward convolutions that run at a fraction of the matmul peak
-(and 10-40× slower still inside ``lax.scan`` bodies: jax-ml/jax#12868).
+the channel-major ``Pᵀ`` (sliced from ``x`` moved to channels-first), each accumulated in float32.
+On XLA:CPU this replaces backward convolutions that run at a fraction of the matmul peak (and
+10-40× slower still inside ``lax.scan`` bodies: jax-ml/jax#12868).
 
 :func:`conv_with_term` also hands the caller ``product(c) = Pᵀ c`` over the patches it builds
 anyway and returns the caller's ``term(...)`` as the cotangent of a zero ``probe``: in the backward

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ghl_jax.kernels.matmul import low_precision
+
 Padding = Union[str, Sequence[tuple[int, int]]]
 
 
@@ -62,7 +64,7 @@ def _max_pool_bwd(window, strides, pads, residuals, cotangent):
     first = jnp.where(windows[t] == y, t, first)
   first = lax.optimization_barrier(first)        # one pass, not one per offset below
   dtype = cotangent.dtype
-  if jnp.finfo(dtype).bits < 32:                 # XLA:CPU rounds after every add in bfloat16: slow
+  if low_precision(dtype):                       # XLA:CPU rounds after every add in bfloat16: slow
     cotangent = cotangent.astype(jnp.float32)
   zero = jnp.zeros((), cotangent.dtype)
   grad = None
