@@ -96,6 +96,7 @@ def parse_args(argv=None):
   parser.add_argument('--width', type=float, default=1.0, help='width multiplier (models that have one)')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--image-size', type=int, default=32)
+  parser.add_argument('--channels', type=int, default=3, help='image channels (1: Fashion-MNIST)')
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--steps', type=int, default=10, help='timed rounds (one step per variant each)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed rounds after compilation')
@@ -108,8 +109,8 @@ def parse_args(argv=None):
                            "'default': glibc's defaults (every step re-faults its buffers)")
   parser.add_argument('--json', default='', help='also write the rows to this JSON file')
   args = parser.parse_args(argv)
-  if args.steps < 1 or args.warmup < 0 or args.batch < 1 or not args.width > 0:
-    parser.error('--steps and --batch must be >= 1, --warmup >= 0 and --width > 0.')
+  if min(args.steps, args.batch, args.channels) < 1 or args.warmup < 0 or not args.width > 0:
+    parser.error('--steps, --batch and --channels must be >= 1, --warmup >= 0 and --width > 0.')
   labels = GROUPS.get(args.variants) or tuple(v.strip() for v in args.variants.split(','))
   unknown = [v for v in labels if v not in VARIANTS]
   if unknown:
@@ -305,7 +306,7 @@ def run(args) -> dict:
   built = {dtype: models.build(args.model, **kwargs, dtype=jnp.dtype(dtype))
            for dtype in dict.fromkeys(v.dtype for v in args.variant_list)}
   model = built.get('float32') or next(iter(built.values()))
-  images = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, 3))
+  images = jax.random.normal(jax.random.key(2), (args.batch, args.image_size, args.image_size, args.channels))
   batch = {'image': images, 'label': jnp.arange(args.batch) % args.num_classes}
   t_inv, layers = default_ghl_layers(args.model)
   flops = model_flops(model, batch, layers)

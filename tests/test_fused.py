@@ -32,6 +32,7 @@ GEOMETRIES = {
     'explicit': ((2, 5, 5, 2), (3, 3, 2, 4), (1, 1), ((2, 0), (1, 2)), (1, 1), 1),
     'dilated': ((2, 7, 7, 2), (3, 3, 2, 4), (1, 1), ((1, 1), (1, 1)), (2, 2), 1),
     'groups': ((2, 5, 5, 4), (3, 3, 2, 6), (1, 1), 'SAME', (1, 1), 2),
+    'groups_valid': ((2, 6, 6, 4), (3, 3, 2, 6), (1, 1), 'VALID', (1, 1), 2),
     'conv_1d': ((2, 9, 3), (3, 3, 4), (2,), 'SAME', (1,), 1),
     'pointwise_stride2': ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), 'VALID', (1, 1), 1),
     'stem_7x7_stride2': ((1, 11, 11, 3), (7, 7, 3, 4), (2, 2), ((3, 3), (3, 3)), (1, 1), 1),
@@ -124,6 +125,15 @@ class GemmConvTest(chex.TestCase):
     xla_dx, xla_dw = jax.vjp(xla, x, w)[1](cotangent)
     assert_close_to(dx, xla_dx)
     assert_close_to(dw, xla_dw)
+
+  def test_unpadded_windows_run_forward_as_a_gemm(self):
+    """XLA:CPU's convolution is slow on pre-padded (VALID) inputs: those run as ``P W``."""
+    for name, convolves in (('stride2_valid_rect', False), ('groups_valid', False),
+                            ('pointwise_stride2', True), ('stride2_same', True)):
+      x, w = _operands(name)
+      kwargs = _conv_kwargs(name)
+      hlo = jax.jit(lambda x, w: kernels.conv.conv_general_dilated(x, w, **kwargs)).lower(x, w).as_text()
+      self.assertEqual('convolution' in hlo, convolves, name)
 
   def test_backward_pass_has_no_convolution(self):
     x, w = _operands('stride2_same')

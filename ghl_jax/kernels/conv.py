@@ -200,10 +200,17 @@ def _patch_conv(x, kernel, cols, geometry: Geometry) -> jax.Array:
   return patch_apply(cols, kernel, out_shape, geometry)
 
 
+def _unpadded_window(kernel_spatial, geometry: Geometry) -> bool:
+  """A window wider than one site with no zero padding: typically an input padded beforehand
+  (``padding='REFLECT'``/``'CIRCULAR'``), for which XLA:CPU's convolution runs 1.3–2.6× slower
+  than ``P W`` (measured on SoftHebb's three layers, ``benchmarks/RESULTS.md``)."""
+  return any(k > 1 for k in kernel_spatial) and all(p == (0, 0) for p in geometry.padding)
+
+
 def _forward(x, kernel, geometry: Geometry) -> jax.Array:
-  """``u``: XLA's convolution, or in low precision ``P W`` accumulated in float32 (XLA:CPU's own
-  bfloat16 convolution runs below its float32 one)."""
-  if not low_precision(x.dtype):
+  """``u``: XLA's convolution, or ``P W`` (accumulated in float32) where XLA:CPU's is slower: in
+  low precision (its bfloat16 convolution runs below its float32 one) and for unpadded windows."""
+  if not low_precision(x.dtype) and not _unpadded_window(kernel.shape[:-2], geometry):
     return _xla_conv(x, kernel, geometry)
   return _patch_conv(x, kernel, patch_matrix(x, kernel.shape[:-2], geometry), geometry)
 

@@ -30,6 +30,8 @@ def triangle(u: jax.Array, power: float) -> jax.Array:
   NaN) at and below the threshold for ``power < 1``.
   """
   centred = u - jnp.mean(u, axis=-1, keepdims=True)
+  if power == 1:
+    return jax.nn.relu(centred).astype(u.dtype)
   positive = centred > 0
   return jnp.where(positive, jnp.where(positive, centred, 1) ** power, 0).astype(u.dtype)
 
