@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 import ghl_jax  # noqa: E402
 from benchmarks.baselines import write_section  # noqa: E402
@@ -100,12 +101,6 @@ def _loss(model):
   return loss
 
 
-def _at(tree, path: str):
-  for key in path.split('/'):
-    tree = tree[key]
-  return tree
-
-
 def gradients(config, dtype: str, params, batch_stats, batches) -> dict:
   """The governed kernels' gradients on ``batches`` (summed) with the model in ``dtype``."""
   config = config.copy_and_resolve_references()
@@ -115,7 +110,8 @@ def gradients(config, dtype: str, params, batch_stats, batches) -> dict:
   total = None
   for images, labels in batches:
     _, grads, hebb = grad_fn(params, batch_stats, images, labels)
-    picked = {path: np.asarray(_at(grads, path), np.float64) for path in hebb}
+    flat = traverse_util.flatten_dict(grads, sep='/')
+    picked = {path: np.asarray(flat[path], np.float64) for path in hebb}
     total = picked if total is None else {k: total[k] + v for k, v in picked.items()}
   return total
 

@@ -48,16 +48,25 @@ def has_own_dot(module) -> bool:
 
 @contextlib.contextmanager
 def _hook(module, name: str, fn: Callable):
+  previous = getattr(module, name)
   object.__setattr__(module, name, fn)
   try:
     yield
   finally:
-    object.__setattr__(module, name, None)
+    object.__setattr__(module, name, previous)
 
 
-def conv_hook(module: nn.Conv, conv: Callable):
-  """Runs ``module`` (an ``nn.Conv``) with ``conv`` as its ``conv_general_dilated`` inside."""
+def conv_hook(module, conv: Callable):
+  """Runs ``module`` (an ``nn.Conv`` or ``nnx.Conv``) with ``conv`` as its ``conv_general_dilated``."""
   return _hook(module, 'conv_general_dilated', conv)
+
+
+def gemm_conv(*args, out_sharding=None, **kwargs):
+  """The CPU kernels' convolution (two-GEMM backward) as ``nnx.Conv`` calls it; XLA's own where
+  an ``out_sharding`` is asked for."""
+  if out_sharding is not None:
+    return jax.lax.conv_general_dilated(*args, out_sharding=out_sharding, **kwargs)
+  return kernels.conv.conv_general_dilated(*args, **kwargs)
 
 
 def _swap(next_fun, args, kwargs, context):

@@ -169,6 +169,25 @@ def _conv_with_patch_term(lhs, rhs, window_strides=None, padding='VALID', lhs_di
                                      forward=forward)
 
 
+def conv_with_patch_term(probe, forward: bool, inputs, kernel, bias, rule_term, layer) -> tuple:
+  """``(conv, attached)``: a ``conv_general_dilated`` for one conv layer's call that runs on the
+  GEMM kernels with ``rule_term`` over the same patches as ``probe``'s cotangent, and a list that is
+  non-empty once it did; outside the kernels (e.g. input dilation) XLA's convolution, no term."""
+  conv = functools.partial(_conv_with_patch_term, probe=probe, forward=forward,
+                           context={'inputs': inputs, 'bias': bias, 'kernel': kernel},
+                           term=_patch_term(rule_term, layer))
+  attached = []
+
+  def conv_or_xla(*conv_args, out_sharding=None, **conv_kwargs):
+    out = conv(*conv_args, **conv_kwargs) if out_sharding is None else None
+    if out is None:
+      sharding = {} if out_sharding is None else {'out_sharding': out_sharding}
+      return lax.conv_general_dilated(*conv_args, **conv_kwargs, **sharding)
+    attached.append(True)
+    return out
+  return conv_or_xla, attached
+
+
 def _interceptor(rule: Rule, gemm: bool, types: tuple):
   """Selected layers (those with a probe) return their term as the probe's gradient."""
   def intercept(next_fun, args, kwargs, context):
@@ -190,18 +209,7 @@ def _interceptor(rule: Rule, gemm: bool, types: tuple):
     rule_term = rule.term('/'.join(module.path + ('kernel',)))
     if is_conv and gemm:
       bias = module.get_variable('params', 'bias') if module.use_bias else None
-      conv = functools.partial(_conv_with_patch_term, probe=probe, forward=forward,
-                               context={'inputs': inputs, 'bias': bias, 'kernel': kernel},
-                               term=_patch_term(rule_term, layer))
-
-      attached = []
-
-      def conv_or_xla(*conv_args, **conv_kwargs):
-        out = conv(*conv_args, **conv_kwargs)
-        if out is None:                     # outside the GEMM kernels (e.g. input dilation)
-          return lax.conv_general_dilated(*conv_args, **conv_kwargs)
-        attached.append(True)
-        return out
+      conv_or_xla, attached = conv_with_patch_term(probe, forward, inputs, kernel, bias, rule_term, layer)
       with accel.conv_hook(module, conv_or_xla):
         u = next_fun(*args, **kwargs)
       if attached:

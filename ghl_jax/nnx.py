@@ -12,7 +12,8 @@ Layers: ``nnx.Conv``, ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and
 ``nnx.ConvTranspose`` (so ``nnx.MultiHeadAttention``'s query/key/value/out), each read as its linen
 counterpart (:class:`ghl_jax.tap.Layer`), so a rule gives the same term as on the same linen
 model. The term of a selected layer comes back as the gradient of a zero probe, formed in the
-backward pass by the rule on the layer's input and output (products by the layer's vjp). Kernel
+backward pass by the rule on the layer's input and output: for ``nnx.Conv`` on the CPU kernels
+over the convolution's own patches (as for linen), else with products by the layer's vjp. Kernel
 paths are the '/'-joined paths of ``nnx.state(model, nnx.Param)``.
 
 The probe is a variable (:class:`HebbianProbe`) set on the layer for the call, shaped like its
@@ -31,7 +32,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from ghl_jax import fused
+from ghl_jax import accel, fused
 from ghl_jax.rule import Rule
 from ghl_jax.tap import Layer
 from ghl_jax.transform import Hebbian
@@ -75,13 +76,13 @@ class HebbianProbe(nnx.Variable):
 
 @contextlib.contextmanager
 def _hooked(hook: Callable):
-  """Inside: every call of an NNX layer returns ``hook(module, x, u)``."""
+  """Inside: every call ``layer(x, ...)`` of an NNX layer runs as ``hook(layer, call, x, ...)``."""
   originals = {cls: cls.__dict__['__call__'] for cls in LAYER_TYPES}
 
   def wrap(call):
     @functools.wraps(call)
     def hooked(self, inputs, *args, **kwargs):
-      return hook(self, inputs, call(self, inputs, *args, **kwargs))
+      return hook(self, call, inputs, *args, **kwargs)
     return hooked
   try:
     for cls, call in originals.items():
@@ -113,13 +114,36 @@ def _stacked(module) -> int:
   return module.kernel[...].ndim - layer_of(module).kernel_ndim
 
 
-def _with_probe(module, inputs, out):
-  """``out``, whose probe (if the layer carries one for this call) gets the layer's term."""
-  probe = getattr(module, '_ghl_probe', None)
-  if probe is None:
-    return out
-  term = fused.layer_term(module._ghl_term, layer_of(module))      # pylint: disable=protected-access
-  return fused.with_term(out, probe[...], {'inputs': inputs, 'kernel': module.kernel[...]}, term, False)
+def _on_gemm(module, gemm: bool) -> bool:
+  """Whether this layer's convolution goes to the CPU kernels (an ``nnx.Conv`` with lax's own)."""
+  return gemm and isinstance(module, nnx.Conv) and module.conv_general_dilated is jax.lax.conv_general_dilated
+
+
+def _layer_call(gemm: bool) -> Callable:
+  """The hook of :func:`value_and_grad`: convolutions on the kernels ``gemm`` picks, and each layer
+  that carries a probe for this call gives it its term (over the conv's own patches on the GEMM
+  kernels, else by the layer's vjp)."""
+  def run(module, call, inputs, *args, **kwargs):
+    probe = getattr(module, '_ghl_probe', None)
+    on_gemm = _on_gemm(module, gemm)
+    if probe is None:
+      if not on_gemm:
+        return call(module, inputs, *args, **kwargs)
+      with accel.conv_hook(module, accel.gemm_conv):
+        return call(module, inputs, *args, **kwargs)
+    layer, rule_term, kernel = layer_of(module), module._ghl_term, module.kernel[...]  # pylint: disable=protected-access
+    if on_gemm:
+      bias = module.bias[...] if module.bias is not None else None
+      conv, attached = fused.conv_with_patch_term(probe[...], False, inputs, kernel, bias, rule_term, layer)
+      with accel.conv_hook(module, conv):
+        out = call(module, inputs, *args, **kwargs)
+      if attached:
+        return out
+    else:
+      out = call(module, inputs, *args, **kwargs)
+    return fused.with_term(out, probe[...], {'inputs': inputs, 'kernel': kernel},
+                           fused.layer_term(rule_term, layer), False)
+  return run
 
 
 @contextlib.contextmanager
@@ -137,22 +161,26 @@ def _probes(chosen: dict, rule: Rule):
           delattr(module, name)
 
 
-def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool = False) -> Callable:
+def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool = False,
+                   conv_impl: str = 'auto') -> Callable:
   """Like ``nnx.value_and_grad(fun, has_aux=...)`` with respect to the model (the first argument),
   also returning the raw Hebbian terms: ``grad_fn(model, *args) -> (value, grads, hebb)``, ``grads``
   an ``nnx.State`` of the params, ``hebb`` ``{kernel path: Hebbian}`` for the layers ``rule`` selects.
   Works under ``nnx.jit`` and ``jax.jit``, with layers stacked by ``nnx.scan`` / ``nnx.vmap``; hand
-  ``hebb`` to ``optimizer.update(model, grads, hebb=hebb)``."""
+  ``hebb`` to ``optimizer.update(model, grads, hebb=hebb)``. ``conv_impl`` picks the kernels of the
+  ``nnx.Conv`` layers (:func:`ghl_jax.accel.resolve`; on CPU the GEMM backward, as for linen)."""
   if rule is not None and not isinstance(rule, Rule):
     raise TypeError(f'ghl_jax.nnx.value_and_grad takes a ghl_jax.Rule (or None), got {rule!r}.')
+  gemm = accel.resolve(conv_impl) == 'gemm'
 
   def grad_fn(model, *args, **kwargs):
     if rule is None:
-      value, grads = nnx.value_and_grad(fun, has_aux=has_aux)(model, *args, **kwargs)
+      with _hooked(_layer_call(gemm)):
+        value, grads = nnx.value_and_grad(fun, has_aux=has_aux)(model, *args, **kwargs)
       return value, grads, {}
     chosen = selected_layers(model, rule)
     wrt = nnx.DiffState(0, nnx.Any(nnx.Param, HebbianProbe))
-    with _probes(chosen, rule), _hooked(_with_probe):
+    with _probes(chosen, rule), _hooked(_layer_call(gemm)):
       value, both = nnx.value_and_grad(fun, argnums=wrt, has_aux=has_aux)(model, *args, **kwargs)
     grads, probes = nnx.split_state(both, nnx.Param, HebbianProbe)
     terms = {_path(parts[:-1] + ('kernel',)): leaf for parts, leaf in nnx.to_flat_state(probes)}
@@ -171,7 +199,8 @@ def tap(fun: Callable) -> Callable:
     paths = {id(m): tuple(str(p) for p in parts) for parts, m in nnx.iter_modules(model)
              if isinstance(m, LAYER_TYPES)}
 
-    def record(module, inputs, out):
+    def record(module, call, inputs, *call_args, **call_kwargs):
+      out = call(module, inputs, *call_args, **call_kwargs)
       if id(module) not in paths:                # a layer inside nnx.scan / nnx.vmap: not recorded
         return out
       node = taps

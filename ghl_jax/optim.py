@@ -28,12 +28,13 @@ def group_labels(kernels: Union[str, Collection[str]]):
   ``kernels`` is a regex over '/'-joined param paths or a collection of exact paths.
   """
   def labels(params):
-    flat = flax.traverse_util.flatten_dict(transform.as_plain_dict(params), sep='/')
-    chosen = {p for p in flat if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
+    flat, keys = transform.flat_paths(params)
+    keys = {p: k for p, k in keys.items() if flat[k] is not flax.traverse_util.empty_node}
+    chosen = {p for p in keys if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
     if not chosen:
-      raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(flat)}.')
+      raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(keys)}.')
     return transform.like(params, flax.traverse_util.unflatten_dict(
-        {p: 'ghl' if p in chosen else 'bp' for p in flat}, sep='/'))
+        {key: 'ghl' if p in chosen else 'bp' for p, key in keys.items()}))
   return labels
 
 

@@ -153,15 +153,22 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
       hebb = hebbian_terms(params, taps, rule=rule)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
-    flat = flax.traverse_util.flatten_dict(as_plain_dict(updates), sep='/', keep_empty_nodes=True)
+    flat, keys = flat_paths(updates)
     for path, term in hebb.items():
-      grad = flat.get(path)
+      grad = flat.get(keys.get(path))
       if grad is None or isinstance(grad, optax.MaskedNode):
         continue
-      flat[path] = combine(grad, term.normalized(), direction, magnitude)
-    return like(updates, flax.traverse_util.unflatten_dict(flat, sep='/')), state
+      flat[keys[path]] = combine(grad, term.normalized(), direction, magnitude)
+    return like(updates, flax.traverse_util.unflatten_dict(flat)), state
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def flat_paths(tree) -> tuple[dict, dict]:
+  """``(flat, keys)``: ``tree``'s leaves by key tuple (``flax.traverse_util.flatten_dict``, empty
+  nodes kept) and ``{'/'-joined path: key tuple}``; keys may be ints (NNX list indices)."""
+  flat = flax.traverse_util.flatten_dict(as_plain_dict(tree), keep_empty_nodes=True)
+  return flat, {'/'.join(map(str, key)): key for key in flat}
 
 
 def as_plain_dict(tree):

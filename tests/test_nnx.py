@@ -118,6 +118,61 @@ def test_nnx_ghl_update_equals_linen(case):
                jax.tree.map(np.asarray, expected))
 
 
+def test_nnx_convs_run_on_the_gemm_kernels():
+  """conv_impl='gemm' (the CPU default) gives what XLA's convolutions give, with convolutions left
+  only in the forward pass: ∂x, ∂W and the terms' Σ y ⊗ x are GEMMs, as for linen."""
+  model = NnxCNN(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  loss = lambda m: jnp.sum(m(x) ** 2)
+  graphdef, state = nnx.split(model)
+  results, convolutions = {}, {}
+  for impl in ('gemm', 'xla'):
+    grad_fn = ghl_jax.nnx.value_and_grad(loss, RULE, conv_impl=impl)
+    on_state = lambda s, grad_fn=grad_fn: grad_fn(nnx.merge(graphdef, s))
+    value, grads, hebb = jax.jit(on_state)(state)
+    results[impl] = (value, nnx.to_pure_dict(grads), {p: h.term for p, h in hebb.items()})
+    convolutions[impl] = jax.jit(on_state).lower(state).as_text().count('stablehlo.convolution')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results['gemm'],
+               results['xla'])
+  assert sorted(results['gemm'][2]) == ['conv1/kernel', 'conv2/kernel', 'head/kernel']
+  assert convolutions['gemm'] == 2 < convolutions['xla'], convolutions
+
+
+class NnxListCNN(nnx.Module):
+  def __init__(self, rngs):
+    self.convs = nnx.List([nnx.Conv(2, 4, (3, 3), rngs=rngs), nnx.Conv(4, 4, (3, 3), rngs=rngs)])
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.relu(conv(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def test_layers_in_an_nnx_list_get_ghl_updates():
+  """Integer keys (``nnx.List`` indices) in the params: ``ghl()`` and the paper's two groups still
+  find the kernels; each conv kernel moves by ``sign(G)·|H|/max|H|`` (numpy) times the lr."""
+  model = NnxListCNN(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
+  rule = ghl_jax.Rule('softmax_oja', t_inv=0.5, layers=r'convs')
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  loss, grads, hebb = ghl_jax.nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2), rule)(model)
+  assert sorted(hebb) == ['convs/0/kernel', 'convs/1/kernel']
+  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.01, total_steps=10, wd_conv=0.0, rule=rule,
+                               kernels=r'convs/\d+/kernel')
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer.update(model, grads, hebb=hebb)
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  g = nnx.to_pure_dict(grads)
+  for i in (0, 1):
+    h = np.asarray(hebb[f'convs/{i}/kernel'].term, np.float64)
+    step = np.sign(np.asarray(g['convs'][i]['kernel'])) * np.abs(h) / np.abs(h).max()
+    np.testing.assert_allclose(before['convs'][i]['kernel'] - after['convs'][i]['kernel'], 0.01 * step,
+                               rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(before['head']['kernel'] - after['head']['kernel'], 0.1 * np.asarray(g['head']['kernel']),
+                             rtol=1e-4, atol=1e-7)
+
+
 class NnxResidual(nnx.Module):
   def __init__(self, rngs):
     self.lin = nnx.Linear(6, 6, rngs=rngs)
