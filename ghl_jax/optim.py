@@ -28,8 +28,7 @@ def group_labels(kernels: Union[str, Collection[str]]):
   ``kernels`` is a regex over '/'-joined param paths or a collection of exact paths.
   """
   def labels(params):
-    flat, keys = transform.flat_paths(params)
-    keys = {p: k for p, k in keys.items() if flat[k] is not flax.traverse_util.empty_node}
+    _, keys = transform.flat_paths(params, keep_empty_nodes=False)
     chosen = {p for p in keys if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
     if not chosen:
       raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(keys)}.')

@@ -164,10 +164,10 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def flat_paths(tree) -> tuple[dict, dict]:
-  """``(flat, keys)``: ``tree``'s leaves by key tuple (``flax.traverse_util.flatten_dict``, empty
-  nodes kept) and ``{'/'-joined path: key tuple}``; keys may be ints (NNX list indices)."""
-  flat = flax.traverse_util.flatten_dict(as_plain_dict(tree), keep_empty_nodes=True)
+def flat_paths(tree, keep_empty_nodes: bool = True) -> tuple[dict, dict]:
+  """``(flat, keys)``: ``tree``'s leaves by key tuple (``flax.traverse_util.flatten_dict``) and
+  ``{'/'-joined path: key tuple}``; keys may be ints (NNX list indices)."""
+  flat = flax.traverse_util.flatten_dict(as_plain_dict(tree), keep_empty_nodes=keep_empty_nodes)
   return flat, {'/'.join(map(str, key)): key for key in flat}
 
 
