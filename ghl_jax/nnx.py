@@ -19,12 +19,13 @@ paths are the '/'-joined paths of ``nnx.state(model, nnx.Param)``.
 The probe is a variable (:class:`HebbianProbe`) set on the layer for the call, shaped like its
 kernel, so ``nnx.scan`` / ``nnx.vmap`` slice it as they slice the kernel: layers stacked by them get
 a stacked term (``Hebbian.stacked`` leading axes), each slice normalised on its own by ``ghl()``.
-(:func:`tap` records calls outside such transforms only.)
+(:func:`tap` records calls outside such transforms only, and logs once how many it left out.)
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -195,13 +196,14 @@ def tap(fun: Callable) -> Callable:
   call, as :func:`ghl_jax.tap` gives them for linen (``taps[...]['inputs'|'outputs'|'layer']``,
   nested by module path), for :func:`ghl_jax.hebbian_terms`."""
   def tapped(model, *args, **kwargs):
-    taps = {}
+    taps, unrecorded = {}, []
     paths = {id(m): tuple(str(p) for p in parts) for parts, m in nnx.iter_modules(model)
              if isinstance(m, LAYER_TYPES)}
 
     def record(module, call, inputs, *call_args, **call_kwargs):
       out = call(module, inputs, *call_args, **call_kwargs)
       if id(module) not in paths:                # a layer inside nnx.scan / nnx.vmap: not recorded
+        unrecorded.append(type(module).__name__)
         return out
       node = taps
       for key in paths[id(module)]:
@@ -210,5 +212,14 @@ def tap(fun: Callable) -> Callable:
       return out
     with _hooked(record):
       out = fun(model, *args, **kwargs)
+    if unrecorded:
+      _log_unrecorded(len(unrecorded), ', '.join(sorted(set(unrecorded))))
     return out, taps
   return tapped
+
+
+@functools.lru_cache(maxsize=None)
+def _log_unrecorded(count: int, types: str) -> None:
+  logging.getLogger('ghl_jax').warning(
+      'ghl_jax.nnx.tap leaves out %d layer call(s) inside nnx.scan / nnx.vmap (%s); '
+      'ghl_jax.nnx.value_and_grad gives their terms.', count, types)

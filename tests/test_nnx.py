@@ -251,6 +251,12 @@ def test_nnx_scan_stacked_layers_get_one_term_per_block():
       k for k, _ in nnx.to_flat_state(nnx.state(NnxScanMLP(nnx.Rngs(0)))))
 
 
+def test_nnx_tap_names_the_scan_stacked_calls_it_leaves_out(caplog):
+  _, taps = ghl_jax.nnx.tap(lambda m, x: m(x))(NnxScanMLP(nnx.Rngs(0)), jnp.ones((2, 4)))
+  assert sorted(taps) == ['embed', 'head']
+  assert 'leaves out 1 layer call(s) inside nnx.scan' in caplog.text and 'Linear' in caplog.text
+
+
 def test_nnx_taps_give_the_linen_terms():
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 2))
   params = LinenCNN().init(jax.random.key(1), x)['params']
