@@ -13,7 +13,8 @@ feedback, then train a classifier on the frozen features. Two optax transformati
   stops learning. Every other leaf gets a zero update.
 * :func:`probe_only` — the given optimizer on the params matching a regex (the classifier), zero
   updates elsewhere; :func:`frozen_features` runs the frozen part of a model with its BatchNorm
-  running averages, so its outputs and statistics do not change while the probe trains.
+  running averages, so its outputs and statistics do not change while the probe trains, and
+  :func:`probe_split` evaluates the probe on those outputs computed once.
 
 :func:`two_phase` keeps both optimizer states in one, so one train state and one checkpoint
 cover both phases.
@@ -180,6 +181,47 @@ def frozen_features(apply: Callable, trainable: str) -> Callable:
     with nn.intercept_methods(intercept):
       return apply(*args, **kwargs)
   return wrapped
+
+
+def probe_split(apply: Callable, trainable: str) -> tuple[Callable, Callable]:
+  """``(features, head)`` of ``apply`` (e.g. ``model.apply``) at the probe: the first module called
+  whose path the regex ``trainable`` matches (``'<module path>/'``, so ``'^classifier/'`` names the
+  module ``classifier``).
+
+  ``features(*args, **kwargs)`` is that module's input ``z = f_frozen(x)``; ``head(z, *args,
+  **kwargs)`` is ``apply``'s output with the module's input replaced by ``z``. Under ``jax.jit`` the
+  frozen layers before it then compute nothing that is used, so XLA drops them: a probe is evaluated
+  on features computed once. Exact for networks whose output depends on the input only through
+  ``z`` (a sequential stack before the probe); check ``head(features(x), x) == apply(x)``."""
+  def hooked(replacement):
+    seen = {}
+
+    def intercept(next_fun, args, kwargs, context):
+      path = '/'.join(context.module.path)
+      if (seen or context.method_name != '__call__' or not path
+          or not _matches(trainable, path + '/')):
+        return next_fun(*args, **kwargs)
+      seen['input'] = args[0]
+      if replacement is not None:
+        args = (replacement,) + tuple(args[1:])
+      return next_fun(*args, **kwargs)
+    return seen, intercept
+
+  def run(replacement, args, kwargs):
+    seen, intercept = hooked(replacement)
+    with nn.intercept_methods(intercept):
+      out = apply(*args, **kwargs)
+    if not seen:
+      raise ValueError(f'trainable={trainable!r} matches no module the model calls; give the regex '
+                       "of the probe's params (e.g. '^classifier/').")
+    return seen['input'], out
+
+  def features(*args, **kwargs):
+    return run(None, args, kwargs)[0]
+
+  def head(z, *args, **kwargs):
+    return run(z, args, kwargs)[1]
+  return features, head
 
 
 def halving_schedule(lr: float, total_steps: int,

@@ -146,6 +146,68 @@ def test_frozen_features_use_running_averages():
   np.testing.assert_allclose(frozen, model.apply(variables, x, train=False), rtol=1e-5, atol=1e-5)
 
 
+class ProbeAfterSkip(nn.Module):
+  """A probe whose output also reads the input directly: not a sequential stack before it."""
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    del train
+    z = nn.relu(nn.Dense(6, name='features')(x.reshape(x.shape[0], -1)))
+    return nn.Dense(10, name='classifier')(z) + jnp.mean(x)
+
+
+@pytest.mark.parametrize('name,trainable', [('deephebb_softhebb', '^classifier/'),
+                                            ('fasthebb', r'^(fc5|bn5|classifier)/')])
+def test_probe_split_evaluates_the_probe_alone(name, trainable):
+  model = models.build(name, num_classes=10, width=0.05)
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  variables = {**variables, 'batch_stats': jax.tree.map(lambda s: s + 0.3, variables['batch_stats'])}
+  features, head = hebbian.probe_split(model.apply, trainable)
+  z = features(variables, x, train=False)
+  np.testing.assert_allclose(head(z, variables, x, train=False), model.apply(variables, x, train=False),
+                             rtol=1e-6, atol=1e-6)
+  probe = jax.jit(lambda v, z: head(z, v, jnp.zeros_like(x), train=False))
+  assert 'convolution' not in probe.lower(variables, z).compile().as_text()       # the frozen convs: gone
+  other = jax.random.normal(jax.random.key(2), z.shape)
+  if name == 'deephebb_softhebb':                          # the probe is one dense layer: z W + b
+    dense = variables['params']['classifier']
+    np.testing.assert_allclose(probe(variables, other),
+                               np.asarray(other) @ np.asarray(dense['kernel']) + np.asarray(dense['bias']),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='matches no module'):
+    hebbian.probe_split(model.apply, '^head/')[0](variables, x, train=False)
+
+
+def test_probe_evaluation_reuses_the_features(tiny_tfds):
+  from ghl_jax.train import evaluation, loop  # pylint: disable=import-outside-toplevel
+  config = _tiny_config(tiny_tfds)
+  model, mesh = loop.build_model(config, 10), loop.make_mesh()
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  state = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  eval_step = jax.jit(steps_lib.make_eval_step(model))
+  full = lambda state: evaluation.evaluate(eval_step, state, config, mesh)
+  probe = evaluation.ProbeEvaluation(model, config.hebbian.trainable, eval_step, config, mesh)
+  for scale in (1.0, -3.0):                   # the probe's params change between evaluations
+    state = dict(state, params={**state['params'], 'classifier': jax.tree.map(
+        lambda p: p * scale, variables['params']['classifier'])})
+    expected, got = full(state), probe(state)
+    assert got.keys() == expected.keys()
+    for key in expected:
+      np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=key)
+  assert len(probe._cache) == 1 and not probe._in_full          # the 40 test images in one batch
+
+  small = evaluation.ProbeEvaluation(model, config.hebbian.trainable, eval_step, config, mesh, max_bytes=1)
+  skip = ProbeAfterSkip()
+  skip_state = {'params': skip.init(jax.random.key(0), x, train=False)['params'], 'batch_stats': {}}
+  skip_step = jax.jit(steps_lib.make_eval_step(skip))
+  skipped = evaluation.ProbeEvaluation(skip, '^classifier/', skip_step, config, mesh)
+  for evaluate, run, expected in ((small, state, full(state)),
+                                  (skipped, skip_state, evaluation.evaluate(skip_step, skip_state, config, mesh))):
+    assert evaluate(run) == expected and evaluate._in_full and evaluate._cache is None
+
+
 BASELINE_CONFIGS = sorted(
     name for name in os.listdir(os.path.join(os.path.dirname(__file__), '..', 'experiments', 'configs'))
     if re.search(r'_(softhebb|swta|hpca|bp_strong|ablation_\w+|ablations)\.py$', name))

@@ -163,7 +163,7 @@ def test_epoch_share_times_every_phase_and_evaluates_every_test_image(tiny_tfds,
                            '--out', str(tmp_path / 'share.json'), '--results', ''])
   assert [(r['phase'], r['batch'], r['steps_per_epoch']) for r in rows] == [('hebbian', 8, 12), ('probe', 16, 6)]
   for r in rows:
-    assert r['eval_examples'] == 40 and 0 <= r['eval_top1'] <= 1
+    assert r['eval_examples'] == 40 and 0 <= r['eval_top1'] <= 1 and r['eval_first_s'] > 0
     assert r['train_epoch_s'] == pytest.approx(r['steps_per_epoch'] * r['step_s'])
     assert r['eval_share'] == pytest.approx(r['eval_s'] / r['train_epoch_s'])
     assert r['input_share'] == pytest.approx(r['input_epoch_s'] / r['train_epoch_s'])

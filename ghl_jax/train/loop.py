@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ghl_jax import accel
 from ghl_jax import models
 from ghl_jax.train import data as data_lib
+from ghl_jax.train import evaluation
 from ghl_jax.train import methods
 from ghl_jax.train import steps as steps_lib
 from ghl_jax.train import validate
@@ -111,22 +112,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def evaluate(eval_step, state, config, mesh) -> dict:
-  """Top-1/top-5 accuracy and loss over the whole eval split (every example once)."""
-  sharding = NamedSharding(mesh, P('data'))
-  totals = None
-  for batch in data_lib.eval_batches(config.data, batch_size=config.eval_batch_size,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
-    batch = jax.make_array_from_process_local_data(sharding, batch)
-    sums = eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'eval/loss': float(totals['loss']) / count, 'eval/top1': float(totals['top1']) / count,
-          'eval/top5': float(totals['top5']) / count}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_host: bool = True) -> dict:
   """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final metrics
   (a finished workdir: its last stored evaluation).
@@ -202,6 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
       batches = data_lib.train_batches(config.data, batch_size=phase.batch_size, seed=config.seed,
                                        start_step=first - phase.start, process_index=jax.process_index(),
                                        process_count=jax.process_count())
+      evaluate = (evaluation.ProbeEvaluation(model, phase.probe, eval_step, config, mesh, conv_impl=conv_impl)
+                  if phase.probe else lambda state: evaluation.evaluate(eval_step, state, config, mesh))
       progress = Progress(total, phase.batch_size, first)
       tag = {'phase': number} if len(phases) > 1 else {}
       pending = None                                 # (step, metrics) of the step in flight
@@ -223,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
           _report(pending, writer, progress, config, tag)
           pending = None
         if evaluate_now:
-          final = evaluate(eval_step, state, config, mesh)
+          final = evaluate(state)
           writer.write(done, final)
           writer.write_fields(done, model_summary.first_kernel(state['params']))
           if is_main:

@@ -30,13 +30,16 @@ from ghl_jax.train import validate
 class Phase:
   """Steps ``[start, stop)`` of a run: ``step_fn(state, batch) -> (state, metrics)`` (not yet
   jitted) on batches of ``batch_size``, whose data stream starts at the phase's first step;
-  ``evaluates``: evaluation every ``eval_every`` steps of the phase and at its end."""
+  ``evaluates``: evaluation every ``eval_every`` steps of the phase and at its end; ``probe``: the
+  regex of the params a linear-probe phase trains (the network before them frozen), so that its
+  evaluations reuse the eval split's features (:class:`ghl_jax.train.evaluation.ProbeEvaluation`)."""
   name: str
   step_fn: Callable
   batch_size: int
   start: int
   stop: int
   evaluates: bool = True
+  probe: Optional[str] = None
 
 
 def governed_kernels(model, sample, rule: Rule) -> tuple[str, ...]:
@@ -130,7 +133,7 @@ def phases(config, model, sample, total: int, first: int) -> tuple[optax.Gradien
                                       trainable=config.hebbian.trainable, conv_impl=impl, log_every=log_every)
     return tx, [Phase('hebbian', steps_lib.make_hebbian_step(model, tx, rule=rule, log_every=log_every),
                       config.hebbian.batch_size, 0, first, evaluates=False),
-                Phase('probe', probe, config.batch_size, first, total)]
+                Phase('probe', probe, config.batch_size, first, total, probe=config.hebbian.trainable)]
   rule = validate.rule_of(config, 'ghl')
   kernels = governed_kernels(model, sample, rule)     # bp: the paper's conv group
   rule = rule.replace(layers=kernels)

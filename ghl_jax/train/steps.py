@@ -201,22 +201,27 @@ def make_hebbian_step(model, tx: optax.GradientTransformation, *, rule: Rule,
   return hebbian_step
 
 
+def variables_of(state) -> dict:
+  """The model's variables in ``state``: params, and batch stats where the model has them."""
+  return {'params': state['params'], **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+
+
+def eval_sums(logits: jax.Array, batch) -> dict:
+  """Sums of loss, top-1 and top-5 hits over the unmasked examples of ``batch``."""
+  mask, labels = batch['mask'], batch['label']
+  top_k = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {
+      'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
+      'top1': jnp.sum((top_k[:, 0] == labels) * mask),
+      'top5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
 def make_eval_step(model, conv_impl: str = 'auto') -> Callable:
   """``eval_step(state, batch) -> sums`` of loss, top-1 and top-5 hits over unmasked examples."""
   apply = ghl_jax.accel.wrap(model.apply, conv_impl)
 
   def eval_step(state, batch):
-    variables = {'params': state['params'],
-                 **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
-    logits = apply(variables, batch['image'], train=False)
-    mask = batch['mask']
-    labels = batch['label']
-    k = min(5, logits.shape[-1])
-    top_k = jax.lax.top_k(logits, k)[1]
-    return {
-        'loss': jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask),
-        'top1': jnp.sum((top_k[:, 0] == labels) * mask),
-        'top5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
-        'count': jnp.sum(mask),
-    }
+    return eval_sums(apply(variables_of(state), batch['image'], train=False), batch)
   return eval_step
