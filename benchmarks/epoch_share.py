@@ -45,8 +45,7 @@ from ghl_jax.train import evaluation, loop, methods, steps  # noqa: E402
 
 HEADING = '## Evaluation and input: share of an epoch'
 CONFIGS = ('cifar10_deephebb_ghl', 'cifar10_deephebb_bp', 'cifar10_fasthebb_ghl', 'cifar10_deephebb_softhebb',
-           'cifar10_fasthebb_swta',
-           'cifar10_resnet_ghl', 'cifar10_vit_ghl_attn_mlp')
+           'cifar10_fasthebb_swta', 'cifar10_resnet_ghl', 'cifar10_vit_ghl_attn_mlp')
 GOAL = 0.10
 
 
