@@ -272,34 +272,49 @@ def table(rows: list, markdown: bool = False) -> str:
   return '\n'.join(lines[:1] + ['  '.join('-' * w for w in widths)] + lines[1:])
 
 
-def plot(rows: list, out: str) -> str:
-  """Test top-1 over steps: each group's mean over its seeds with a ±std band, as a PNG."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(7, 4.2))
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  several = len({(r.model, r.dataset) for r in rows}) > 1
+def loss_curve(rows: list) -> list:
+  """``[(step, training loss)]`` of a run's logged training steps."""
+  return [(r['step'], r['loss']) for r in rows if 'loss' in r and 'eval/top1' not in r]
+
+
+def _bands(ax, rows: list, series, several: bool) -> int:
+  """Each group's mean over its seeds of ``series(run.rows)`` with a ±std band; groups drawn."""
   drawn = 0
   for row in rows:
     at = {}
     for run in row.runs:
-      for step, top1 in curve(run.rows):
-        at.setdefault(step, []).append(top1)
+      for step, value in series(run.rows):
+        at.setdefault(step, []).append(value)
     if not at:
       continue
     steps = np.array(sorted(at))
     mean = np.array([np.mean(at[s]) for s in steps])
     std = np.array([np.std(at[s], ddof=1) if len(at[s]) > 1 else 0.0 for s in steps])
     label = f'{row.label} · {row.model} · {row.dataset}' if several else row.label
-    line, = ax.plot(steps, mean, marker='o', markersize=3, label=f'{label} (n={len(row.runs)})')
+    line, = ax.plot(steps, mean, marker='o' if len(steps) < 30 else None, markersize=3,
+                    label=f'{label} (n={len(row.runs)})')
     ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     drawn += 1
-  if not drawn:
+  return drawn
+
+
+def plot(rows: list, out: str) -> str:
+  """Test top-1 and training loss over steps: each group's mean over its seeds with a ±std band,
+  as a PNG."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(12, 4.2))
+  FigureCanvasAgg(fig)
+  top1, loss = fig.subplots(1, 2)
+  several = len({(r.model, r.dataset) for r in rows}) > 1
+  if not _bands(top1, rows, curve, several):
     raise ReportError('no run has a test evaluation to plot: leave out --plot or wait for an eval.')
-  ax.set(xlabel='step', ylabel='test top-1 (%)', title='Test top-1 (mean ± std over seeds)')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
+  _bands(loss, rows, loss_curve, several)
+  top1.set(xlabel='step', ylabel='test top-1 (%)', title='Test top-1 (mean ± std over seeds)')
+  loss.set(xlabel='step', ylabel='training loss (logged batches)', title='Training loss (mean ± std over seeds)')
+  for ax in (top1, loss):
+    ax.grid(alpha=0.3)
+  loss.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
   try:
     fig.savefig(out, dpi=120, bbox_inches='tight')
   except OSError as error:
@@ -317,7 +332,7 @@ def main(argv=None) -> int:
   parser = _Parser(prog='python -m experiments.report', description=__doc__.splitlines()[0])
   parser.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='run workdirs (any order, seeds pooled)')
   parser.add_argument('--markdown', action='store_true', help='print a markdown table')
-  parser.add_argument('--plot', metavar='FILE', help='write the test top-1 curves to this PNG')
+  parser.add_argument('--plot', metavar='FILE', help='write the test top-1 and training loss curves to this PNG')
   args = parser.parse_args(argv)
   try:
     workdirs = list(dict.fromkeys(args.workdirs))
