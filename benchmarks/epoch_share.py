@@ -136,11 +136,13 @@ def measure(name: str, args) -> list:
   return rows
 
 
-def section(rows: list, args) -> str:
+def section(rows: list, args, load=None) -> str:
+  """The RESULTS section of ``rows`` (``load``: the load averages to quote, else the current ones)."""
+  load = os.getloadavg() if load is None else load
   verdict = lambda share: f'{100 * share:.1f} %' + ('' if share <= GOAL else ' (over)')
   lines = [HEADING, '',
            f'`python -m benchmarks.epoch_share` on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs, '
-           f'load average {" ".join(f"{v:.2f}" for v in os.getloadavg())} at the end): the trainer\'s '
+           f'load average {" ".join(f"{v:.2f}" for v in load)} at the end): the trainer\'s '
            f'train step ({args.steps} timed), the evaluation over the whole CIFAR-10 test split (a '
            f"probe phase's on the features it keeps; \"first\": the first call, with compilation and, "
            f'for a probe, the features) and the tf.data pipeline alone, per config file and phase. '
@@ -149,11 +151,11 @@ def section(rows: list, args) -> str:
            '| eval share | input epoch (s) | input share |',
            '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
+    share = verdict(r['eval_share']) if r['evaluates'] else 'none in this phase'
     lines.append(f"| {r['config']} | {r['phase']} | {r['batch']} | {1e3 * r['step_s']:.0f} | "
                  f"{r['train_epoch_s']:.0f} | {r['eval_s']:.1f} @ {r['eval_batch']} | {r['eval_first_s']:.1f} "
-                 f"| {verdict(r['eval_share'])} "
-                 f"| {r['input_epoch_s']:.1f} | {verdict(r['input_share'])} |")
-  worst_eval = max(r['eval_share'] for r in rows)
+                 f"| {share} | {r['input_epoch_s']:.1f} | {verdict(r['input_share'])} |")
+  worst_eval = max((r['eval_share'] for r in rows if r['evaluates']), default=0.0)
   worst_input = max(r['input_share'] for r in rows)
   lines += ['', f'Largest shares: evaluation {100 * worst_eval:.1f} %, input {100 * worst_input:.1f} % '
             f'(goal ≤ {GOAL:.0%}: {"met" if max(worst_eval, worst_input) <= GOAL else "NOT met"}).']
