@@ -278,9 +278,10 @@ def loss_curve(rows: list) -> list:
 
 
 def _bands(ax, rows: list, series, several: bool) -> int:
-  """Each group's mean over its seeds of ``series(run.rows)`` with a ±std band; groups drawn."""
+  """Each group's mean over its seeds of ``series(run.rows)`` with a ±std band, in the group's
+  colour (its index in ``rows``); the number of groups drawn."""
   drawn = 0
-  for row in rows:
+  for index, row in enumerate(rows):
     at = {}
     for run in row.runs:
       for step, value in series(run.rows):
@@ -291,7 +292,7 @@ def _bands(ax, rows: list, series, several: bool) -> int:
     mean = np.array([np.mean(at[s]) for s in steps])
     std = np.array([np.std(at[s], ddof=1) if len(at[s]) > 1 else 0.0 for s in steps])
     label = f'{row.label} · {row.model} · {row.dataset}' if several else row.label
-    line, = ax.plot(steps, mean, marker='o' if len(steps) < 30 else None, markersize=3,
+    line, = ax.plot(steps, mean, marker='o' if len(steps) < 30 else None, markersize=3, color=f'C{index % 10}',
                     label=f'{label} (n={len(row.runs)})')
     ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     drawn += 1
@@ -314,7 +315,8 @@ def plot(rows: list, out: str) -> str:
   loss.set(xlabel='step', ylabel='training loss (logged batches)', title='Training loss (mean ± std over seeds)')
   for ax in (top1, loss):
     ax.grid(alpha=0.3)
-  loss.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
+  loss.legend(*top1.get_legend_handles_labels(), fontsize='small', loc='upper left',   # one colour a group
+              bbox_to_anchor=(1.02, 1.0))
   try:
     fig.savefig(out, dpi=120, bbox_inches='tight')
   except OSError as error:

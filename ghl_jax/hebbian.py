@@ -183,10 +183,18 @@ def frozen_features(apply: Callable, trainable: str) -> Callable:
   return wrapped
 
 
+def _holds_trainable(module, trainable: str) -> bool:
+  """Whether a variable of ``module`` (or of its submodules) has a path the regex ``trainable``
+  matches: its params as in :func:`probe_only`, its BatchNorm statistics as in
+  :func:`frozen_features`."""
+  variables = {c: module.variables[c] for c in ('params', 'batch_stats') if c in module.variables}
+  return any(_matches(trainable, '/'.join(module.path + key[1:]))
+             for key in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables)))
+
+
 def probe_split(apply: Callable, trainable: str) -> tuple[Callable, Callable]:
   """``(features, head)`` of ``apply`` (e.g. ``model.apply``) at the probe: the first module called
-  whose path the regex ``trainable`` matches (``'<module path>/'``, so ``'^classifier/'`` names the
-  module ``classifier``).
+  that holds a variable the regex ``trainable`` matches (the paths :func:`probe_only` trains).
 
   ``features(*args, **kwargs)`` is that module's input ``z = f_frozen(x)``; ``head(z, *args,
   **kwargs)`` is ``apply``'s output with the module's input replaced by ``z``. Under ``jax.jit`` the
@@ -197,10 +205,13 @@ def probe_split(apply: Callable, trainable: str) -> tuple[Callable, Callable]:
     seen = {}
 
     def intercept(next_fun, args, kwargs, context):
-      path = '/'.join(context.module.path)
-      if (seen or context.method_name != '__call__' or not path
-          or not _matches(trainable, path + '/')):
+      module = context.module
+      if (seen or context.method_name != '__call__' or not module.path
+          or not _holds_trainable(module, trainable)):
         return next_fun(*args, **kwargs)
+      if not args:
+        raise ValueError(f'the probe module {"/".join(module.path)} takes its input by keyword; '
+                         'probe_split needs it passed positionally.')
       seen['input'] = args[0]
       if replacement is not None:
         args = (replacement,) + tuple(args[1:])
@@ -212,8 +223,8 @@ def probe_split(apply: Callable, trainable: str) -> tuple[Callable, Callable]:
     with nn.intercept_methods(intercept):
       out = apply(*args, **kwargs)
     if not seen:
-      raise ValueError(f'trainable={trainable!r} matches no module the model calls; give the regex '
-                       "of the probe's params (e.g. '^classifier/').")
+      raise ValueError(f'trainable={trainable!r} matches no variable of a module the model calls; '
+                       "give the regex of the probe's params (e.g. '^classifier/').")
     return seen['input'], out
 
   def features(*args, **kwargs):

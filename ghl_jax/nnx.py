@@ -202,7 +202,8 @@ def tap(fun: Callable) -> Callable:
 
     def record(module, call, inputs, *call_args, **call_kwargs):
       out = call(module, inputs, *call_args, **call_kwargs)
-      if id(module) not in paths:                # a layer inside nnx.scan / nnx.vmap: not recorded
+      if id(module) not in paths:                # a copy inside nnx.scan / nnx.vmap (or a layer built
+                                                 # in fun): not in the model's tree, not recorded
         unrecorded.append(type(module).__name__)
         return out
       node = taps
@@ -221,5 +222,6 @@ def tap(fun: Callable) -> Callable:
 @functools.lru_cache(maxsize=None)
 def _log_unrecorded(count: int, types: str) -> None:
   logging.getLogger('ghl_jax').warning(
-      'ghl_jax.nnx.tap leaves out %d layer call(s) inside nnx.scan / nnx.vmap (%s); '
-      'ghl_jax.nnx.value_and_grad gives their terms.', count, types)
+      'ghl_jax.nnx.tap leaves out %d traced call(s) of layers outside the model\'s module tree (%s): '
+      'layers inside nnx.scan / nnx.vmap, whose terms ghl_jax.nnx.value_and_grad gives, or built in fun.',
+      count, types)

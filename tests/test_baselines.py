@@ -180,13 +180,14 @@ def test_probe_split_evaluates_the_probe_alone(name, trainable):
     np.testing.assert_allclose(probe(variables, other),
                                np.asarray(other) @ np.asarray(dense['kernel']) + np.asarray(dense['bias']),
                                rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match='matches no module'):
+  with pytest.raises(ValueError, match='matches no variable of a module'):
     hebbian.probe_split(model.apply, '^head/')[0](variables, x, train=False)
 
 
-def test_probe_evaluation_reuses_the_features(tiny_tfds):
+def test_probe_evaluation_reuses_the_features(tiny_tfds, monkeypatch):
   from ghl_jax.train import evaluation, loop  # pylint: disable=import-outside-toplevel
   config = _tiny_config(tiny_tfds)
+  config.eval_batch_size = 16                 # the 40 test images: three batches, the last one padded
   model, mesh = loop.build_model(config, 10), loop.make_mesh()
   x = jnp.zeros((1, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
@@ -194,6 +195,9 @@ def test_probe_evaluation_reuses_the_features(tiny_tfds):
   eval_step = jax.jit(steps_lib.make_eval_step(model))
   full = lambda state: evaluation.evaluate(eval_step, state, config, mesh)
   probe = evaluation.ProbeEvaluation(model, config.hebbian.trainable, eval_step, config, mesh)
+  builds = []
+  build = probe._build
+  monkeypatch.setattr(probe, '_build', lambda state: builds.append(1) or build(state))
   for scale in (1.0, -3.0):                   # the probe's params change between evaluations
     state = dict(state, params={**state['params'], 'classifier': jax.tree.map(
         lambda p: p * scale, variables['params']['classifier'])})
@@ -201,16 +205,42 @@ def test_probe_evaluation_reuses_the_features(tiny_tfds):
     assert got.keys() == expected.keys()
     for key in expected:
       np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, err_msg=key)
-  assert len(probe._cache) == 1 and not probe._in_full          # the 40 test images in one batch
+  assert builds == [1] and len(probe._cache) == 3 and not probe._in_full
+  assert float(sum(batch['mask'].sum() for batch in probe._cache)) == 40
 
+  # Falls back to the full network: features over max_bytes; a probe whose output also reads the
+  # input; a probe inside a scanned stack (the ViT's mlp_in), which cannot be split off.
   small = evaluation.ProbeEvaluation(model, config.hebbian.trainable, eval_step, config, mesh, max_bytes=1)
-  skip = ProbeAfterSkip()
-  skip_state = {'params': skip.init(jax.random.key(0), x, train=False)['params'], 'batch_stats': {}}
-  skip_step = jax.jit(steps_lib.make_eval_step(skip))
-  skipped = evaluation.ProbeEvaluation(skip, '^classifier/', skip_step, config, mesh)
-  for evaluate, run, expected in ((small, state, full(state)),
-                                  (skipped, skip_state, evaluation.evaluate(skip_step, skip_state, config, mesh))):
-    assert evaluate(run) == expected and evaluate._in_full and evaluate._cache is None
+  cases = [(small, state, eval_step)]
+  for other, trainable in ((ProbeAfterSkip(), '^classifier/'),
+                           (models.build('vit_tiny', num_classes=10, depth=1, hidden_dim=16, heads=2, mlp_dim=32),
+                            'mlp_in')):
+    step = jax.jit(steps_lib.make_eval_step(other))
+    init = other.init(jax.random.key(0), x, train=False)
+    cases.append((evaluation.ProbeEvaluation(other, trainable, step, config, mesh),
+                  {'params': init['params'], 'batch_stats': init.get('batch_stats', {})}, step))
+  for evaluate, run, step in cases:
+    assert evaluate(run) == evaluation.evaluate(step, run, config, mesh)
+    assert evaluate._in_full and evaluate._cache is None
+
+
+def test_probe_split_picks_the_first_module_holding_a_trainable_param():
+  """The regex is read as probe_only reads it (param paths): naming fc5's kernel moves the split
+  before fc5, however the regex is written."""
+  model = models.build('fasthebb', num_classes=10, width=0.05)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+  widths = {}
+  for regex in ('^(fc5|bn5|classifier)/', r'^classifier/|^fc5/kernel$', 'classifier/kernel', '^bn5/'):
+    features, head = hebbian.probe_split(model.apply, regex)
+    z = features(variables, x, train=False)
+    np.testing.assert_allclose(head(z, variables, x, train=False), model.apply(variables, x, train=False),
+                               rtol=1e-6, atol=1e-6)
+    widths[regex] = z.shape[-1]
+  fc5_in = variables['params']['fc5']['kernel'].shape[0]
+  fc5_out = variables['params']['fc5']['kernel'].shape[1]
+  assert widths == {'^(fc5|bn5|classifier)/': fc5_in, r'^classifier/|^fc5/kernel$': fc5_in,
+                    'classifier/kernel': fc5_out, '^bn5/': fc5_out}
 
 
 BASELINE_CONFIGS = sorted(

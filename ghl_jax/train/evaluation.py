@@ -9,7 +9,8 @@ split's features ``z = f_frozen(x)`` do not change. :class:`ProbeEvaluation` com
 phase's first evaluation, checks that the probe on them gives the full network's logits, and from
 then on evaluates the probe alone (:func:`ghl_jax.hebbian.probe_split`): an evaluation costs the
 classifier, not a forward pass of the network. Features that would take more than
-``max_bytes`` per process are not kept (a log line says so) and every evaluation runs in full.
+``max_bytes`` per process are not kept, nor features the probe on which does not give the network's
+logits: then (a log line says so) every evaluation runs in full.
 """
 from __future__ import annotations
 
@@ -53,7 +54,11 @@ def evaluate(eval_step, state, config, mesh, batches: Optional[Iterable[dict]] =
 
 class ProbeEvaluation:
   """``evaluation(state) -> metrics`` of a probe phase, as :func:`evaluate` with the full eval step,
-  on the eval split's features computed at the first call (``trainable``: the probe's regex)."""
+  on the eval split's features computed at the first call (``trainable``: the probe's regex).
+
+  Where the features cannot stand in for the network (the probe on them does not give its logits,
+  the split cannot be made, or they exceed ``max_bytes``), every call evaluates the full network,
+  and a log line says why."""
 
   def __init__(self, model, trainable: str, eval_step: Callable, config, mesh, *,
                conv_impl: str = 'auto', max_bytes: int = MAX_BYTES):
@@ -86,7 +91,10 @@ class ProbeEvaluation:
 
   def __call__(self, state) -> dict:
     if self._cache is None and not self._in_full:
-      self._cache = self._build(state)
+      try:
+        self._cache = self._build(state)
+      except (ValueError, TypeError) as error:    # TypeError: also a tracer leaked from a scan body
+        self._cache = self._give_up(f'the probe cannot be split off ({error})')
     if self._in_full:
       return evaluate(self._eval_step, state, self._config, self._mesh)
     head = lambda state, batch: self._head(state, batch, self._image_shape)
