@@ -67,19 +67,22 @@ class ProbeEvaluation:
     features, head = hebbian_lib.probe_split(apply, trainable)
     replicated = NamedSharding(mesh, P())
 
+    variables = lambda state: steps_lib.model_variables(state['params'], state['batch_stats'])
+
+    def batch_features(state, batch):
+      return features(variables(state), batch['image'], train=False)
+
     def head_logits(state, z, image_shape):
       unused = jnp.zeros(z.shape[:1] + image_shape, jnp.float32)     # the frozen layers' input: dead code
-      return head(z, steps_lib.variables_of(state), unused, train=False)
+      return head(z, variables(state), unused, train=False)
 
     def features_and_check(state, batch):
-      variables = steps_lib.variables_of(state)
-      z = features(variables, batch['image'], train=False)
-      full = apply(variables, batch['image'], train=False)
+      z = batch_features(state, batch)
+      full = apply(variables(state), batch['image'], train=False)
       probe = head_logits(state, z, batch['image'].shape[1:])
       return z, jnp.max(jnp.abs(probe - full)) / (jnp.max(jnp.abs(full)) + 1e-30)
 
-    self._features = jax.jit(lambda state, batch: features(steps_lib.variables_of(state), batch['image'],
-                                                           train=False))
+    self._features = jax.jit(batch_features)
     self._check = jax.jit(features_and_check, out_shardings=(None, replicated))
     self._head = jax.jit(
         lambda state, batch, image_shape: steps_lib.eval_sums(

@@ -36,6 +36,11 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def model_variables(params, batch_stats) -> dict:
+  """The variables ``model.apply`` takes: params, and batch stats where the model has them."""
+  return {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+
+
 def _split(batch, parts):
   return jax.tree.map(lambda a: a.reshape((parts, a.shape[0] // parts) + a.shape[1:]), batch)
 
@@ -108,7 +113,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[R
   def loss_fn(params, batch_stats, images, labels, rng):
     if trainable is not None:
       params = hebbian_lib.stop_frozen(params, trainable)
-    variables = {'params': params, **({'batch_stats': batch_stats} if batch_stats else {})}
+    variables = model_variables(params, batch_stats)
     logits, new_state = apply(variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
     return cross_entropy(logits, labels), (logits, new_state)
 
@@ -176,7 +181,7 @@ def make_hebbian_step(model, tx: optax.GradientTransformation, *, rule: Rule,
   def hebbian_step(state, batch):
     params = state['params']
     rng = jax.random.fold_in(state['rng'], state['step'])
-    variables = {'params': params, **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
+    variables = model_variables(params, state['batch_stats'])
     (_, new_state), taps = apply(variables, batch['image'], train=True, mutable=['batch_stats'],
                                  rngs={'dropout': rng})
     hebb = transform.hebbian_terms(params, taps, rule=rule)
@@ -201,11 +206,6 @@ def make_hebbian_step(model, tx: optax.GradientTransformation, *, rule: Rule,
   return hebbian_step
 
 
-def variables_of(state) -> dict:
-  """The model's variables in ``state``: params, and batch stats where the model has them."""
-  return {'params': state['params'], **({'batch_stats': state['batch_stats']} if state['batch_stats'] else {})}
-
-
 def eval_sums(logits: jax.Array, batch) -> dict:
   """Sums of loss, top-1 and top-5 hits over the unmasked examples of ``batch``."""
   mask, labels = batch['mask'], batch['label']
@@ -223,5 +223,6 @@ def make_eval_step(model, conv_impl: str = 'auto') -> Callable:
   apply = ghl_jax.accel.wrap(model.apply, conv_impl)
 
   def eval_step(state, batch):
-    return eval_sums(apply(variables_of(state), batch['image'], train=False), batch)
+    return eval_sums(apply(model_variables(state['params'], state['batch_stats']), batch['image'], train=False),
+                     batch)
   return eval_step
