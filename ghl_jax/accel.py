@@ -21,6 +21,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
+from ghl_jax import adapters
 from ghl_jax import kernels
 from ghl_jax.models.layers import MaxPool
 
@@ -36,14 +37,9 @@ def resolve(impl: str) -> str:
   return impl
 
 
-def has_own_conv(module: nn.Conv) -> bool:
+def has_own_conv(module) -> bool:
   """Whether an ``nn.Conv`` brings its own convolution (then it is left alone)."""
-  return module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None
-
-
-def has_own_dot(module) -> bool:
-  """Whether an ``nn.Dense``/``nn.DenseGeneral`` brings its own ``dot_general``."""
-  return module.dot_general is not None or module.dot_general_cls is not None
+  return adapters.brings_own_conv(module)
 
 
 @contextlib.contextmanager
@@ -69,16 +65,30 @@ def gemm_conv(*args, out_sharding=None, **kwargs):
   return kernels.conv.conv_general_dilated(*args, **kwargs)
 
 
+def conv_with_term(lhs, rhs, window_strides=None, padding='VALID', lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                   preferred_element_type=None, *, probe, context, term: Callable, forward: bool):
+  """``(u, anchor)`` of :func:`ghl_jax.kernels.conv.conv_with_term` for a ``conv_general_dilated``
+  call the GEMM kernels cover, else ``None`` (then the caller runs XLA's convolution)."""
+  geometry = kernels.conv.geometry_of(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                                      rhs_dilation, dimension_numbers, feature_group_count,
+                                      batch_group_count, precision)
+  if geometry is None or preferred_element_type is not None or lhs.dtype != rhs.dtype:
+    return None
+  return kernels.conv.conv_with_term(lhs, rhs, geometry, probe=probe, context=context, term=term,
+                                     forward=forward)
+
+
 def _swap(next_fun, args, kwargs, context):
   """An ``nn.Conv`` call with the GEMM backward; ``nn.Dense``/``nn.DenseGeneral`` with low-precision
   products accumulated in float32; a ``MaxPool`` call with the fused backward."""
   module = context.module
   if context.method_name != '__call__':
     return next_fun(*args, **kwargs)
-  if isinstance(module, nn.Conv) and not has_own_conv(module):
+  if adapters.conv_kind(module) == 'linen':
     with conv_hook(module, kernels.conv.conv_general_dilated):
       return next_fun(*args, **kwargs)
-  if isinstance(module, (nn.Dense, nn.DenseGeneral)) and not has_own_dot(module):
+  if adapters.swappable_dot(module):
     with _hook(module, 'dot_general', kernels.matmul.dot_general):
       return next_fun(*args, **kwargs)
   if isinstance(module, MaxPool):

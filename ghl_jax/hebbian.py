@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ghl_jax import adapters
 from ghl_jax import transform
+from ghl_jax import trees
 from ghl_jax.rule import Layers, Rule, TInv, per_layer
 
 Rate = Union[float, Mapping[str, float]]
@@ -39,13 +41,8 @@ NORM_EPS = 1e-10
 HALVING_FRACTIONS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def _flat(tree) -> dict:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/', keep_empty_nodes=True)
-
-
-def _unflat_like(template, flat: dict):
-  tree = flax.traverse_util.unflatten_dict(flat, sep='/')
-  return flax.core.freeze(tree) if isinstance(template, flax.core.FrozenDict) else tree
+def _flat_all(tree) -> dict:
+  return trees.flat(tree, keep_empty_nodes=True)
 
 
 def neuron_norms(kernel: jax.Array, stacked: int = 0) -> jax.Array:
@@ -114,8 +111,8 @@ def hebbian_ascent(lr: Rate, *, rule: Union[Rule, str, Callable] = 'softhebb', l
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
     flat = {path: jnp.zeros_like(u) if hasattr(u, 'shape') else u   # MaskedNode, empty nodes
-            for path, u in _flat(updates).items()}
-    kernels = _flat(params)
+            for path, u in _flat_all(updates).items()}
+    kernels = _flat_all(params)
     for path, term in hebb.items():
       if path not in flat or isinstance(flat[path], optax.MaskedNode):
         continue
@@ -126,7 +123,7 @@ def hebbian_ascent(lr: Rate, *, rule: Union[Rule, str, Callable] = 'softhebb', l
       if norm_power is not None:
         rate = rate * norm_dependent_rate(kernels[path], norm_power, term.stacked)
       flat[path] = (rate * term.normalized()).astype(flat[path].dtype)
-    return _unflat_like(updates, flat), state
+    return trees.unflat_like(updates, flat), state
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -139,11 +136,11 @@ def trainable_labels(trainable: str) -> Callable[[Any], Any]:
   """Label fn for ``optax.multi_transform``: ``'probe'`` where the regex ``trainable`` is found in
   the '/'-joined param path, ``'frozen'`` elsewhere."""
   def labels(params):
-    flat = _flat(params)
+    flat = _flat_all(params)
     chosen = {p for p in flat if _matches(trainable, p)}
     if not chosen:
       raise ValueError(f'The probe regex {trainable!r} matches no parameter; params are {sorted(flat)}.')
-    return _unflat_like(params, {p: 'probe' if p in chosen else 'frozen' for p in flat})
+    return trees.unflat_like(params, {p: 'probe' if p in chosen else 'frozen' for p in flat})
   return labels
 
 
@@ -159,8 +156,8 @@ def stop_frozen(params, trainable: str):
   """``params`` with ``stop_gradient`` on every leaf the regex ``trainable`` does not match, so
   backprop never runs through the frozen part."""
   flat = {p: v if _matches(trainable, p) else jax.lax.stop_gradient(v)
-          for p, v in _flat(params).items()}
-  return _unflat_like(params, flat)
+          for p, v in _flat_all(params).items()}
+  return trees.unflat_like(params, flat)
 
 
 def frozen_features(apply: Callable, trainable: str) -> Callable:
@@ -170,7 +167,7 @@ def frozen_features(apply: Callable, trainable: str) -> Callable:
   BatchNorms behave as usual."""
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name == '__call__' and isinstance(module, nn.BatchNorm)
+    if (context.method_name == '__call__' and adapters.is_batch_norm(module)
         and module.use_running_average is False
         and not _matches(trainable, '/'.join(module.path + ('mean',)))):
       frozen = module.clone(parent=None, use_running_average=True)

@@ -28,47 +28,24 @@ import functools
 import logging
 from typing import Callable, Optional
 
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from ghl_jax import accel, fused
+from ghl_jax import accel, adapters, layer_terms
+from ghl_jax import selection as selection_lib
 from ghl_jax.rule import Rule
-from ghl_jax.tap import Layer
 from ghl_jax.transform import Hebbian
 
-LAYER_TYPES = (nnx.Conv, nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.ConvTranspose)
+LAYER_TYPES = adapters.NNX_TYPES
 
 
-def _tuple(value):
-  return tuple(value) if isinstance(value, (list, tuple)) else value
-
-
-def layer_of(module) -> Layer:
-  """The linen geometry (:class:`ghl_jax.tap.Layer`) of an NNX layer."""
-  if isinstance(module, (nnx.Conv, nnx.ConvTranspose)):
-    fields = {'features': module.out_features, 'kernel_size': _tuple(module.kernel_size),
-              'strides': _tuple(module.strides), 'padding': _tuple(module.padding),
-              'kernel_dilation': _tuple(module.kernel_dilation)}
-    if isinstance(module, nnx.Conv):
-      fields.update(input_dilation=_tuple(module.input_dilation),
-                    feature_group_count=module.feature_group_count)
-      return Layer(nn.Conv, tuple(fields.items()))
-    fields['transpose_kernel'] = module.transpose_kernel
-    return Layer(nn.ConvTranspose, tuple(fields.items()))
-  if isinstance(module, nnx.Linear):
-    return Layer(nn.Dense, (('features', module.out_features),))
-  if isinstance(module, nnx.LinearGeneral):
-    return Layer(nn.DenseGeneral, (('features', tuple(module.out_features)), ('axis', tuple(module.axis)),
-                                   ('batch_dims', tuple(sorted(module.batch_axis)))))
-  if isinstance(module, nnx.Einsum):
-    return Layer(nn.Einsum, (('shape', tuple(module.kernel_shape)), ('einsum_str', module.einsum_str)))
-  raise ValueError(f'ghl_jax.nnx cannot read a {type(module).__name__}; layers are {LAYER_TYPES}.')
-
-
-def _path(parts) -> str:
-  return '/'.join(str(p) for p in parts)
+def layer_of(module, einsum_str: Optional[str] = None):
+  """The linen geometry (:class:`ghl_jax.adapters.Layer`) of an NNX layer (or of one call)."""
+  layer = adapters.read(module, (), {'einsum_str': einsum_str} if einsum_str else {})
+  if not isinstance(layer, adapters.Layer):
+    raise ValueError(f'ghl_jax.nnx cannot read a {type(module).__name__}; layers are {LAYER_TYPES}.')
+  return layer
 
 
 class HebbianProbe(nnx.Variable):
@@ -95,65 +72,38 @@ def _hooked(hook: Callable):
 
 
 def selected_layers(model, rule: Rule) -> dict:
-  """``{kernel path: layer module}`` of the NNX layers ``rule`` selects in ``model``."""
-  chosen = {}
-  for parts, module in nnx.iter_modules(model):
-    if not isinstance(module, LAYER_TYPES):
-      continue
-    path = _path(tuple(parts) + ('kernel',))
-    if not rule.selects(path, isinstance(module, nnx.Conv)):
-      continue
-    chosen[path] = module
-  if rule.layers is not None and not chosen:
-    raise ValueError(f'Rule layers={rule.layers!r} selects no NNX layer; layers are '
-                     f'{[_path(tuple(p) + ("kernel",)) for p, m in nnx.iter_modules(model) if isinstance(m, LAYER_TYPES)]}.')
-  return chosen
-
-
-def _stacked(module) -> int:
-  """Leading kernel axes added by ``nnx.scan`` / ``nnx.vmap`` (0 for a plain layer)."""
-  return module.kernel[...].ndim - layer_of(module).kernel_ndim
-
-
-def _on_gemm(module, gemm: bool) -> bool:
-  """Whether this layer's convolution goes to the CPU kernels (an ``nnx.Conv`` with lax's own)."""
-  return gemm and isinstance(module, nnx.Conv) and module.conv_general_dilated is jax.lax.conv_general_dilated
+  """``{kernel path: layer module}`` of the NNX layers ``rule`` governs in ``model``."""
+  modules = {m: module for m, (_, module) in selection_lib.nnx_layers(model).items()}
+  return {g.path: modules[g.rule_path.rsplit('/', 1)[0]] for g in selection_lib.of_nnx(rule, model).governed}
 
 
 def _layer_call(gemm: bool) -> Callable:
   """The hook of :func:`value_and_grad`: convolutions on the kernels ``gemm`` picks, and each layer
   that carries a probe for this call gives it its term (over the conv's own patches on the GEMM
-  kernels, else by the layer's vjp)."""
+  kernels, else by the layer's vjp), read with the call's own settings (an ``nnx.Einsum``'s
+  call-time equation)."""
   def run(module, call, inputs, *args, **kwargs):
     probe = getattr(module, '_ghl_probe', None)
-    on_gemm = _on_gemm(module, gemm)
+    own_call = lambda: call(module, inputs, *args, **kwargs)
     if probe is None:
-      if not on_gemm:
-        return call(module, inputs, *args, **kwargs)
+      if not (gemm and adapters.conv_kind(module) == 'nnx'):
+        return own_call()
       with accel.conv_hook(module, accel.gemm_conv):
-        return call(module, inputs, *args, **kwargs)
-    layer, rule_term, kernel = layer_of(module), module._ghl_term, module.kernel[...]  # pylint: disable=protected-access
-    if on_gemm:
-      bias = module.bias[...] if module.bias is not None else None
-      conv, attached = fused.conv_with_patch_term(probe[...], False, inputs, kernel, bias, rule_term, layer)
-      with accel.conv_hook(module, conv):
-        out = call(module, inputs, *args, **kwargs)
-      if attached:
-        return out
-    else:
-      out = call(module, inputs, *args, **kwargs)
-    return fused.with_term(out, probe[...], {'inputs': inputs, 'kernel': kernel},
-                           fused.layer_term(rule_term, layer), False)
+        return own_call()
+    layer = adapters.read(module, (inputs,) + args, kwargs)
+    bias = module.bias[...] if getattr(module, 'bias', None) is not None else None
+    return layer_terms.call_with_term(module, own_call, inputs, probe[...], False,
+                                      module._ghl_term, gemm, module.kernel[...], bias, layer)  # pylint: disable=protected-access
   return run
 
 
 @contextlib.contextmanager
-def _probes(chosen: dict, rule: Rule):
+def _probes(chosen: dict, selection: selection_lib.Selection):
   """Inside: each chosen layer carries a zero :class:`HebbianProbe` and its bound rule."""
   try:
     for path, module in chosen.items():
       module._ghl_probe = HebbianProbe(jnp.zeros(module.kernel[...].shape, jnp.float32))
-      module._ghl_term = rule.term(path)
+      module._ghl_term = selection[path].term
     yield
   finally:
     for module in chosen.values():
@@ -166,28 +116,32 @@ def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool 
                    conv_impl: str = 'auto') -> Callable:
   """Like ``nnx.value_and_grad(fun, has_aux=...)`` with respect to the model (the first argument),
   also returning the raw Hebbian terms: ``grad_fn(model, *args) -> (value, grads, hebb)``, ``grads``
-  an ``nnx.State`` of the params, ``hebb`` ``{kernel path: Hebbian}`` for the layers ``rule`` selects.
+  an ``nnx.State`` of the params, ``hebb`` ``{kernel path: Hebbian}`` for the layers ``rule`` governs
+  (``grad_fn.selection(model)``, :func:`ghl_jax.selection.of_nnx`), each summed over all its calls.
   Works under ``nnx.jit`` and ``jax.jit``, with layers stacked by ``nnx.scan`` / ``nnx.vmap``; hand
   ``hebb`` to ``optimizer.update(model, grads, hebb=hebb)``. ``conv_impl`` picks the kernels of the
   ``nnx.Conv`` layers (:func:`ghl_jax.accel.resolve`; on CPU the GEMM backward, as for linen)."""
   if rule is not None and not isinstance(rule, Rule):
     raise TypeError(f'ghl_jax.nnx.value_and_grad takes a ghl_jax.Rule (or None), got {rule!r}.')
   gemm = accel.resolve(conv_impl) == 'gemm'
+  anchored = layer_terms.anchored(fun, has_aux)
 
   def grad_fn(model, *args, **kwargs):
     if rule is None:
       with _hooked(_layer_call(gemm)):
         value, grads = nnx.value_and_grad(fun, has_aux=has_aux)(model, *args, **kwargs)
       return value, grads, {}
+    selection = selection_lib.of_nnx(rule, model)
     chosen = selected_layers(model, rule)
     wrt = nnx.DiffState(0, nnx.Any(nnx.Param, HebbianProbe))
-    with _probes(chosen, rule), _hooked(_layer_call(gemm)):
-      value, both = nnx.value_and_grad(fun, argnums=wrt, has_aux=has_aux)(model, *args, **kwargs)
+    with _probes(chosen, selection), _hooked(_layer_call(gemm)):
+      value, both = nnx.value_and_grad(anchored, argnums=wrt, has_aux=has_aux)(model, *args, **kwargs)
     grads, probes = nnx.split_state(both, nnx.Param, HebbianProbe)
-    terms = {_path(parts[:-1] + ('kernel',)): leaf for parts, leaf in nnx.to_flat_state(probes)}
-    return value, grads, {path: Hebbian(jax.lax.stop_gradient(terms[path][...]), _stacked(module))
-                          for path, module in chosen.items()}
+    terms = {'/'.join(str(p) for p in parts[:-1] + ('kernel',)): leaf for parts, leaf in nnx.to_flat_state(probes)}
+    return value, grads, {g.path: Hebbian(jax.lax.stop_gradient(terms[g.path][...]), g.stacked, rule)
+                          for g in selection.governed}
 
+  grad_fn.selection = lambda model: selection_lib.of_nnx(rule, model)
   return grad_fn
 
 
@@ -197,8 +151,7 @@ def tap(fun: Callable) -> Callable:
   nested by module path), for :func:`ghl_jax.hebbian_terms`."""
   def tapped(model, *args, **kwargs):
     taps, unrecorded = {}, []
-    paths = {id(m): tuple(str(p) for p in parts) for parts, m in nnx.iter_modules(model)
-             if isinstance(m, LAYER_TYPES)}
+    paths = {id(module): tuple(path.split('/')) for path, (_, module) in selection_lib.nnx_layers(model).items()}
 
     def record(module, call, inputs, *call_args, **call_kwargs):
       out = call(module, inputs, *call_args, **call_kwargs)
@@ -209,7 +162,10 @@ def tap(fun: Callable) -> Callable:
       node = taps
       for key in paths[id(module)]:
         node = node.setdefault(key, {})
-      node.update(inputs=inputs, outputs=out, layer=layer_of(module))
+      entry = {'inputs': inputs, 'outputs': out, 'layer': adapters.read(module, (inputs,) + call_args, call_kwargs)}
+      if 'inputs' in node:                       # a layer called again: one entry per call
+        entry = {k: (node[k] if isinstance(node[k], tuple) else (node[k],)) + (v,) for k, v in entry.items()}
+      node.update(entry)
       return out
     with _hooked(record):
       out = fun(model, *args, **kwargs)

@@ -15,24 +15,34 @@ from typing import Collection, Optional, Union
 import flax
 import optax
 
-from ghl_jax import transform
+from ghl_jax import trees
 from ghl_jax.rule import Rule
+from ghl_jax.selection import Selection
 from ghl_jax.transform import ghl
 
 DEFAULT_GHL_KERNELS = r'(?i)conv[^/]*/kernel$'
 
 
-def group_labels(kernels: Union[str, Collection[str]]):
+Kernels = Union[str, Collection[str], Selection]
+
+
+def group_labels(kernels: Kernels):
   """Label fn for ``optax.multi_transform``: ``'ghl'`` for the given kernels, ``'bp'`` otherwise.
 
-  ``kernels`` is a regex over '/'-joined param paths or a collection of exact paths.
+  ``kernels`` is a :class:`~ghl_jax.selection.Selection` (its governed kernels), a regex over
+  '/'-joined param paths or a collection of exact paths.
   """
+  if isinstance(kernels, Selection):
+    kernels = kernels.paths
+
   def labels(params):
-    _, keys = transform.flat_paths(params, keep_empty_nodes=False)
+    _, keys = trees.flat_paths(params, keep_empty_nodes=False)
     chosen = {p for p in keys if (re.search(kernels, p) if isinstance(kernels, str) else p in kernels)}
     if not chosen:
       raise ValueError(f'No parameter matches the GHL kernels {kernels!r}; params are {sorted(keys)}.')
-    return transform.like(params, flax.traverse_util.unflatten_dict(
+    if not isinstance(kernels, str) and len(chosen) < len(set(kernels)):
+      raise ValueError(f'GHL kernels {sorted(set(kernels) - chosen)} are not params; params are {sorted(keys)}.')
+    return trees.like(params, flax.traverse_util.unflatten_dict(
         {key: 'ghl' if p in chosen else 'bp' for p, key in keys.items()}))
   return labels
 
@@ -47,23 +57,26 @@ def cosine(peak: float, total_steps: int) -> optax.Schedule:
 
 
 def paper_sgd(*, lr: float, lr_conv: float, wd_conv: float, total_steps: int,
-              kernels: Union[str, Collection[str]] = DEFAULT_GHL_KERNELS, use_ghl: bool = True,
+              kernels: Kernels = DEFAULT_GHL_KERNELS, use_ghl: bool = True,
               rule: Optional[Rule] = None, **ghl_kwargs) -> optax.GradientTransformationExtraArgs:
   """The paper's optimizer: GHL (or BP) on ``kernels`` with decay, plain SGD elsewhere.
 
-  ``kernels`` (regex or exact '/'-joined paths) names the GHL group; by default, as in the
-  paper's code, every kernel whose module name contains "conv". ``rule`` (a :class:`~ghl_jax.Rule`) and ``ghl_kwargs`` (``direction``,
-  ``magnitude``, ``axis_name``; v1: ``t_inv``, ``layers``...) go to :func:`ghl_jax.ghl`. With
+  ``kernels`` names the GHL group: a :class:`~ghl_jax.selection.Selection` (what the rule governs:
+  ``grad_fn.selection(...)``, ``ghl_jax.selection.of_model``), a regex or exact '/'-joined paths; by
+  default, as in the paper's code, every kernel whose module name contains "conv" (a Hebbian term
+  for a kernel outside the group is an error at the first update). ``rule`` (a
+  :class:`~ghl_jax.Rule`; left out, ``ghl()`` takes the terms' own) and ``ghl_kwargs``
+  (``direction``, ``magnitude``, ``axis_name``) go to :func:`ghl_jax.ghl`. With
   ``use_ghl=False`` the same groups train by plain backprop (the paper-recipe BP baseline).
   """
   if wd_conv < 0:
     raise ValueError(f'wd_conv must be >= 0, got {wd_conv}.')
   ghl_group = [optax.add_decayed_weights(wd_conv), optax.sgd(cosine(lr_conv, total_steps))]
   if use_ghl:
-    if rule is None:
+    v1 = {'t_inv', 'layers', 'rule_kwargs'} & set(ghl_kwargs)
+    if rule is None and v1 and not isinstance(kernels, Selection):
       ghl_kwargs.setdefault('layers', kernels)
-    else:
-      ghl_kwargs['rule'] = rule
+    ghl_kwargs['rule'] = rule if rule is not None else ghl_kwargs.get('rule')
     ghl_group.insert(0, ghl(**ghl_kwargs))
   return optax.multi_transform(
       {'ghl': optax.chain(*ghl_group), 'bp': optax.sgd(cosine(lr, total_steps))},

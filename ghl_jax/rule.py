@@ -141,6 +141,12 @@ class Rule:
     return rules_lib.get(self.name)
 
   @property
+  def has_temperature(self) -> bool:
+    """Whether the rule function takes ``t_inv``."""
+    params = _parameters(self.fn)
+    return 't_inv' in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+  @property
   def t_inv_mapping(self) -> TInv:
     """``t_inv`` as given: a float or a dict."""
     return dict(self.t_inv) if isinstance(self.t_inv, tuple) else self.t_inv

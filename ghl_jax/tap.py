@@ -15,113 +15,16 @@ called several times in one pass (weight sharing) gives tuples of arrays, one pe
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
-from ghl_jax import linear_view
+from ghl_jax import adapters
+from ghl_jax.adapters import Layer
 
 COLLECTION = 'intermediates'
-TAPPED_TYPES = (nn.Conv, nn.Dense, nn.DenseGeneral, nn.Einsum, nn.ConvTranspose)
-GENERAL_TYPES = (nn.DenseGeneral, nn.Einsum)     # read as the dense layer they are (linear_view)
-_IGNORED_FIELDS = ('parent', 'name', 'use_bias', 'bias_init', 'kernel_init', 'dtype',
-                   'param_dtype', 'precision', 'promote_dtype', 'preferred_element_type',
-                   'dot_general', 'dot_general_cls',
-                   'conv_general_dilated', 'conv_general_dilated_cls')   # how, not what
-
-
-def _hashable(value):
-  if isinstance(value, (list, tuple)):
-    return tuple(_hashable(v) for v in value)
-  return value
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class Layer:
-  """Static description of one tapped layer: its flax class and geometry fields.
-
-  ``kernel_product(x, y)`` is ``Σ_sites y ⊗ x`` in the kernel's own layout, computed as the
-  vjp of the (bias-free) layer with respect to its kernel with ``y`` as cotangent; for a
-  conv this is the correlation of the padded input with ``y`` (no im2col).
-  """
-  module_type: type
-  fields: tuple
-
-  @classmethod
-  def of(cls, module: nn.Module) -> 'Layer':
-    fields = []
-    for f in dataclasses.fields(module):
-      if f.name in _IGNORED_FIELDS or not f.init:
-        continue
-      value = getattr(module, f.name)
-      if f.name == 'mask' and value is not None:
-        raise ValueError(f'{module.path}: masked convolutions are not supported by ghl_jax taps.')
-      fields.append((f.name, _hashable(value)))
-    return cls(type(module), tuple(fields))
-
-  def __repr__(self):
-    shown = ', '.join(f'{k}={v!r}' for k, v in self.fields if v is not None)
-    return f'Layer({self.module_type.__name__}, {shown})'
-
-  @property
-  def is_conv(self) -> bool:
-    return issubclass(self.module_type, nn.Conv)
-
-  @property
-  def kernel_ndim(self) -> int:
-    """Rank of one (unstacked) kernel of this layer."""
-    fields = dict(self.fields)
-    count = lambda value: len(value) if isinstance(value, tuple) else 1
-    if 'kernel_size' in fields:
-      return count(fields['kernel_size']) + 2
-    if issubclass(self.module_type, nn.DenseGeneral):
-      return count(fields['batch_dims']) + count(fields['axis']) + count(fields['features'])
-    if issubclass(self.module_type, nn.Einsum):
-      return len(fields['shape'])
-    return 2
-
-  def spec(self, x_ndim: int) -> linear_view.Spec:
-    """The einsum of a general linear layer (``nn.DenseGeneral``, ``nn.Einsum``) on a rank-``x_ndim`` input."""
-    fields = dict(self.fields)
-    if issubclass(self.module_type, nn.Einsum):
-      return linear_view.einsum_spec(fields['einsum_str'])
-    return linear_view.dense_general_spec(x_ndim, fields['features'], fields['axis'], fields['batch_dims'])
-
-  def term(self, rule: Callable, x: jax.Array, u: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``rule(x, u, kernel, layer)`` of this layer: directly for Dense and convolutions; for
-    ``nn.DenseGeneral`` / ``nn.Einsum`` on the dense layer it is (:mod:`ghl_jax.linear_view`; one
-    per head if ``rule.per_head``)."""
-    if not issubclass(self.module_type, GENERAL_TYPES):
-      return rule(x, u, kernel, self)
-    spec = self.spec(x.ndim)
-    per_head = getattr(rule, 'per_head', False)
-    outputs = [s for c, s in zip(spec.kernel, kernel.shape) if c not in spec.x]
-    features = outputs[-1] if per_head else math.prod(outputs)
-    return linear_view.evaluate(rule, Layer(nn.Dense, (('features', features),)), spec, x, u, kernel,
-                                per_head=per_head)
-
-  def linear_module(self) -> nn.Module:
-    """The layer without bias, in float32: ``u = f(x; W)`` is linear in ``W``."""
-    return self.module_type(**dict(self.fields), use_bias=False, dtype=jnp.float32,
-                            param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST)
-
-  def apply(self, kernel: jax.Array, x: jax.Array) -> jax.Array:
-    return self.linear_module().apply({'params': {'kernel': kernel}}, x)
-
-  def kernel_product(self, x: jax.Array, y: jax.Array, kernel_shape) -> jax.Array:
-    """``Σ_sites y ⊗ x`` with the shape of the kernel, accumulated in float32."""
-    x = x.astype(jnp.float32)
-    # zeros_like keeps x's per-device type inside shard_map: a vjp with respect to a
-    # device-invariant kernel would sum the cotangent over devices.
-    zero = jnp.zeros_like(x, shape=kernel_shape)
-    _, pullback = jax.vjp(lambda k: self.apply(k, x), zero)
-    return pullback(y.astype(jnp.float32))[0]
+TAPPED_TYPES = adapters.LINEN_TYPES
 
 
 def _interceptor(types):
@@ -131,8 +34,7 @@ def _interceptor(types):
       module = context.module
       module.sow(COLLECTION, 'inputs', args[0] if args else kwargs['inputs'])
       module.sow(COLLECTION, 'outputs', out)
-      module.sow(COLLECTION, 'layer', Layer.of(module),
-                 init_fn=lambda: None, reduce_fn=lambda _, new: new)
+      module.sow(COLLECTION, 'layer', adapters.read(module, args, kwargs))
     return out
   return intercept
 
@@ -152,8 +54,9 @@ def _extract(tree: Any) -> Any:
   """Keeps only tap entries ({'inputs', 'outputs', 'layer'}); unwraps single-call tuples."""
   if not isinstance(tree, Mapping):
     return None
-  if 'layer' in tree and isinstance(tree['layer'], Layer):
-    entry = {'layer': tree['layer']}
+  if 'layer' in tree and _is_layers(tree['layer']):
+    layers = tuple(tree['layer'])
+    entry = {'layer': layers[0] if len(set(layers)) == 1 else layers}
     for key in ('inputs', 'outputs'):
       calls = tree[key]
       entry[key] = calls[0] if len(calls) == 1 else tuple(calls)
@@ -164,6 +67,11 @@ def _extract(tree: Any) -> Any:
     if sub:
       out[key] = sub
   return out
+
+
+def _is_layers(value) -> bool:
+  return isinstance(value, Layer) or (isinstance(value, tuple) and bool(value)
+                                      and all(isinstance(v, Layer) for v in value))
 
 
 def _strip(tree: Any) -> Any:
@@ -209,7 +117,7 @@ def tap(fn: Callable, *, types: tuple = TAPPED_TYPES) -> Callable:
 
 def entries(taps: Mapping, prefix: tuple = ()):
   """Yields ``(module_path, entry)`` for every tap entry, module paths as tuples of names."""
-  if 'layer' in taps and isinstance(taps.get('layer'), Layer):
+  if 'layer' in taps and _is_layers(taps.get('layer')):
     yield prefix, taps
     return
   for key, sub in taps.items():

@@ -13,15 +13,17 @@ Every other leaf passes through unchanged. Chain it before weight decay and SGD 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+import warnings
 
 import flax
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import optax
 
 from ghl_jax import rules as rules_lib
+from ghl_jax import selection as selection_lib
 from ghl_jax import tap as tap_lib
+from ghl_jax import trees
 from ghl_jax.rule import Layers, Rule, TInv
 DIRECTIONS = ('gradient', 'hebbian')
 MAGNITUDES = ('hebbian', 'unit', 'gradient')
@@ -30,9 +32,11 @@ MAGNITUDES = ('hebbian', 'unit', 'gradient')
 @flax.struct.dataclass
 class Hebbian:
   """A raw Hebbian term ``H`` (kernel-shaped, float32); ``stacked`` leading axes index
-  nn.scan blocks, each normalised on its own."""
+  nn.scan blocks, each normalised on its own; ``rule``: the :class:`~ghl_jax.Rule` that made it
+  (``ghl()`` takes it from there)."""
   term: jax.Array
   stacked: int = flax.struct.field(pytree_node=False, default=0)
+  rule: Optional[Rule] = flax.struct.field(pytree_node=False, default=None)
 
   def normalized(self) -> jax.Array:
     axes = tuple(range(self.stacked, self.term.ndim))
@@ -45,52 +49,42 @@ def kernel_path(module_path: tuple) -> str:
 
 
 def selected_layers(taps: Mapping, layers: Union[Layers, Rule] = None) -> dict:
-  """``{kernel_path: tap_entry}`` for the kernels GHL governs.
-
-  ``layers=None`` selects every ``nn.Conv`` kernel (the paper); a string is a regex searched
-  in '/'-joined kernel paths (e.g. ``'conv|mlp'``); a collection lists exact kernel paths; a
-  :class:`~ghl_jax.Rule` selects by its own ``layers``.
-  """
+  """``{kernel_path: tap_entry}`` of the kernels GHL governs among ``taps`` (:func:`ghl_jax.tap`),
+  as :func:`ghl_jax.selection.of_taps` decides: ``layers`` is a :class:`~ghl_jax.Rule`, or (v1)
+  ``None`` (every ``nn.Conv`` kernel), a regex or a collection of kernel paths."""
   rule = layers if isinstance(layers, Rule) else Rule(layers=layers)
-  chosen = {kernel_path(path): entry for path, entry in tap_lib.entries(taps)
-            if rule.selects(kernel_path(path), entry['layer'].is_conv)}
-  if rule.layers is not None and not chosen:
-    known = [kernel_path(p) for p, _ in tap_lib.entries(taps)]
-    raise ValueError(f'ghl layers={rule.layers!r} selects no tapped kernel; tapped kernels are {known}.')
-  return chosen
+  entries = {kernel_path(path): entry for path, entry in tap_lib.entries(taps)}
+  return {g.rule_path: entries[g.rule_path] for g in selection_lib.of_taps(rule, taps).governed}
 
 
-def _get(tree: Any, path: str):
-  for key in path.split('/'):
-    tree = tree[key]
-  return tree
+def _calls(entry) -> list:
+  """``[(x, u, layer)]``, one per call of the tapped module."""
+  inputs, outputs, layer = entry['inputs'], entry['outputs'], entry['layer']
+  if not isinstance(inputs, tuple):
+    inputs, outputs = (inputs,), (outputs,)
+  layers = layer if isinstance(layer, tuple) else (layer,) * len(inputs)
+  return list(zip(inputs, outputs, layers))
 
 
 def hebbian_terms(params: Any, taps: Mapping, *, rule: Union[Rule, str, Callable] = 'softmax_oja',
                   t_inv: TInv = 1.0, layers: Layers = None, rule_kwargs: Optional[dict] = None) -> dict:
-  """Raw local terms ``{kernel_path: Hebbian}`` of every layer ``rule`` selects (not normalised).
+  """Raw local terms ``{kernel_path: Hebbian}`` of every layer ``rule`` governs (not normalised).
 
   ``rule`` is a :class:`~ghl_jax.Rule`, or (v1) a rule name with ``t_inv``, ``layers`` and
   ``rule_kwargs`` beside it. Raw terms add up: sum them over micro-batches or devices, then let
   ``ghl()`` normalise. A layer called several times (weight sharing) sums its calls.
   """
   rule = Rule.of(rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
+  entries = {kernel_path(path): entry for path, entry in tap_lib.entries(taps)}
+  flat = trees.flat(params)
   terms = {}
-  for path, entry in selected_layers(taps, rule).items():
-    kernel = _get(params, path)
-    if isinstance(kernel, optax.MaskedNode):
-      continue
-    layer = entry['layer']
-    stacked = kernel.ndim - layer.kernel_ndim
-    rule_term = rule.term(path)
-    fn = lambda x, u, w, layer: layer.term(rule_term, x, u, w)
-    for _ in range(stacked):
+  for g in selection_lib.of_taps(rule, taps, params).governed:
+    kernel = trees.unbox(flat[g.path])
+    fn = lambda x, u, w, layer, term=g.term: layer.term(term, x, u, w)
+    for _ in range(g.stacked):
       fn = jax.vmap(fn, in_axes=(0, 0, 0, None))
-    calls = entry['inputs'], entry['outputs']
-    if not isinstance(calls[0], tuple):
-      calls = (calls[0],), (calls[1],)
-    term = sum(fn(x, u, kernel, layer) for x, u in zip(*calls))
-    terms[path] = Hebbian(jax.lax.stop_gradient(term), stacked)
+    term = sum(fn(x, u, kernel, layer) for x, u, layer in _calls(entries[g.rule_path]))
+    terms[g.path] = Hebbian(jax.lax.stop_gradient(term), g.stacked, rule)
   return terms
 
 
@@ -106,20 +100,42 @@ class GHLState(NamedTuple):
   """ghl() keeps no state."""
 
 
-def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', layers: Layers = None,
-        rule_kwargs: Optional[dict] = None, direction: str = 'gradient',
+_V1 = object()     # a v1 keyword left out
+
+
+def _rule_of(t_inv, rule, layers, rule_kwargs) -> Optional[Rule]:
+  """The Rule given to ``ghl()``: ``rule`` itself, one built from the v1 keywords (with a
+  DeprecationWarning), or ``None`` when nothing is given (then the terms' own Rule is used)."""
+  v1 = {k: v for k, v in (('t_inv', t_inv), ('layers', layers), ('rule_kwargs', rule_kwargs)) if v is not _V1}
+  if isinstance(rule, Rule) or (rule is None and not v1):
+    return Rule.of(rule, **v1) if rule is not None else None
+  warnings.warn('ghl(t_inv=..., layers=..., rule=\'name\', rule_kwargs=...) is deprecated: pass '
+                'ghl(rule=ghl_jax.Rule(name, t_inv=..., layers=..., **settings)).', DeprecationWarning, stacklevel=3)
+  return Rule.of(rule, **v1)
+
+
+def _check_terms(hebb: Mapping, rule: Optional[Rule]) -> None:
+  for path, term in hebb.items():
+    if not isinstance(term, Hebbian):
+      raise ValueError(f'ghl: hebb[{path!r}] is a {type(term).__name__}, not a ghl_jax.Hebbian; pass the hebb '
+                       'that ghl_jax.value_and_grad or hebbian_terms returns.')
+    if rule is not None and term.rule is not None and term.rule != rule:
+      raise ValueError(f'ghl(rule={rule!r}) differs from the Rule the terms were made with ({term.rule!r}); '
+                       'give the Rule once, to value_and_grad, and use ghl() without one.')
+
+
+def ghl(t_inv: TInv = _V1, *, rule: Union[Rule, str, Callable, None] = None, layers: Layers = _V1,
+        rule_kwargs: Optional[dict] = _V1, direction: str = 'gradient',
         magnitude: str = 'hebbian', axis_name: Optional[str] = None
         ) -> optax.GradientTransformationExtraArgs:
-  """Global-guided Hebbian learning: ``G ← sign(G) ⊙ |Ĥ|`` for every selected kernel.
+  """Global-guided Hebbian learning: ``G ← sign(G) ⊙ |Ĥ|`` for every governed kernel.
 
   Args:
-    t_inv: (v1) inverse softmax temperature, a float or a mapping from module path/regex to
-      float (unmatched layers use 1.0).
-    rule: a :class:`~ghl_jax.Rule` (then give no ``t_inv``/``layers``/``rule_kwargs``), or (v1) the
-      name of a rule in :mod:`ghl_jax.rules` or a callable with the same signature.
-    layers: (v1) ``None`` (every nn.Conv kernel), a regex over '/'-joined kernel paths, or a
-      collection of exact kernel paths.
-    rule_kwargs: (v1) extra keyword arguments of the rule (e.g. ``{'decay': False}``).
+    rule: the :class:`~ghl_jax.Rule`. On the ``hebb=`` path it may be left out: the terms carry the
+      Rule they were made with, and a different one here is an error. On the ``taps=`` path it
+      defaults to ``Rule()``.
+    t_inv, layers, rule_kwargs: (v1, deprecated) the Rule's settings as keywords, with ``rule`` the
+      name of a rule in :mod:`ghl_jax.rules` or a callable.
     direction: ``'gradient'`` (sign of ``G``, GHL) or ``'hebbian'`` (ascent along ``Ĥ``).
     magnitude: ``'hebbian'`` (``|Ĥ|``, GHL), ``'unit'`` (sign-SGD) or ``'gradient'`` (``|G|``).
     axis_name: inside ``pmap``/``shard_map``, raw terms are summed over this axis before
@@ -127,14 +143,16 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
 
   ``update(grads, state, params, *, hebb)`` takes raw terms from :func:`ghl_jax.value_and_grad`
   (or :func:`hebbian_terms`, summed over micro-batches); ``update(..., taps=...)`` computes
-  them from taps (``ghl_jax.tap``) with the rule.
+  them from taps (``ghl_jax.tap``) with the rule. Errors, never a silent plain-SGD step: ``hebb``
+  and ``taps`` together; a ``hebb`` path that is not a leaf of the updates, or that another
+  optimizer group trains (``optax.multi_transform``). Boxed leaves (``nn.Partitioned``) keep their box.
   """
   if direction not in DIRECTIONS:
     raise ValueError(f'ghl direction must be one of {DIRECTIONS}, got {direction!r}.')
   if magnitude not in MAGNITUDES:
     raise ValueError(f'ghl magnitude must be one of {MAGNITUDES}, got {magnitude!r}.')
   try:
-    rule = Rule.of(rule, t_inv=t_inv, layers=layers, rule_kwargs=rule_kwargs)
+    given = _rule_of(t_inv, rule, layers, rule_kwargs)
   except ValueError as error:
     raise ValueError(f'ghl: {error}') from None
 
@@ -144,45 +162,34 @@ def ghl(t_inv: TInv = 1.0, *, rule: Union[Rule, str, Callable] = 'softmax_oja', 
 
   def update(updates, state, params=None, *, taps=None, hebb=None, **extra):
     del extra
+    if hebb is not None and taps is not None:
+      raise ValueError('ghl takes hebb= or taps=, not both: the taps would be ignored. Pass hebb= (from '
+                       'ghl_jax.value_and_grad) alone.')
     if hebb is None:
       if taps is None:
         raise ValueError('ghl needs hebb= (from ghl_jax.value_and_grad) or taps= (from ghl_jax.tap) '
                          'in tx.update(grads, state, params, hebb=...).')
       if params is None:
         raise ValueError('ghl needs params (for the Oja decay): call tx.update(grads, state, params, taps=...).')
-      hebb = hebbian_terms(params, taps, rule=rule)
+      hebb = hebbian_terms(params, taps, rule=given or Rule())
+    _check_terms(hebb, given)
     if axis_name is not None:
       hebb = jax.lax.psum(hebb, axis_name)
-    flat, keys = flat_paths(updates)
+    flat, keys = trees.flat_paths(updates)
+    missing = [path for path in hebb if path not in keys]
+    if missing:
+      raise ValueError(f'ghl: hebb has terms for {missing}, which are not leaves of the updates '
+                       f'(e.g. {sorted(keys)[:4]}); pass tx.update the gradients of the tree '
+                       'value_and_grad differentiated (its argnums).')
+    masked = [path for path in hebb if isinstance(flat[keys[path]], optax.MaskedNode)]
+    if masked:
+      raise ValueError(f'ghl: kernels {masked} have Hebbian terms but another optimizer group trains them; '
+                       'put them in the GHL group (optim.paper_sgd(kernels=selection), or the same paths '
+                       'in optax.multi_transform).')
     for path, term in hebb.items():
-      grad = flat.get(keys.get(path))
-      if grad is None or isinstance(grad, optax.MaskedNode):
-        continue
-      flat[keys[path]] = combine(grad, term.normalized(), direction, magnitude)
-    return like(updates, flax.traverse_util.unflatten_dict(flat)), state
+      key = keys[path]
+      flat[key] = trees.map_boxed(lambda g, term=term: combine(g, term.normalized(), direction, magnitude),
+                                  flat[key])
+    return trees.like(updates, flax.traverse_util.unflatten_dict(flat)), state
 
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def flat_paths(tree, keep_empty_nodes: bool = True) -> tuple[dict, dict]:
-  """``(flat, keys)``: ``tree``'s leaves by key tuple (``flax.traverse_util.flatten_dict``) and
-  ``{'/'-joined path: key tuple}``; keys may be ints (NNX list indices)."""
-  flat = flax.traverse_util.flatten_dict(as_plain_dict(tree), keep_empty_nodes=keep_empty_nodes)
-  return flat, {'/'.join(map(str, key)): key for key in flat}
-
-
-def as_plain_dict(tree):
-  """A plain nested dict of a params-like tree (dict, FrozenDict, or an ``nnx.State``)."""
-  if isinstance(tree, flax.core.FrozenDict):
-    return flax.core.unfreeze(tree)
-  if isinstance(tree, nnx.State):
-    return nnx.to_pure_dict(tree)
-  return tree
-
-
-def like(template, tree):
-  if isinstance(template, flax.core.FrozenDict):
-    return flax.core.freeze(tree)
-  if isinstance(template, nnx.State):
-    return nnx.State(tree)
-  return tree

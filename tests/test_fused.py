@@ -255,13 +255,16 @@ class FusedHebbianTest(chex.TestCase):
         convs[impl] = str(jax.make_jaxpr(jax.grad(loss))(params)).count('conv_general_dilated[')
     self.assertEqual(convs, {'gemm': 1, 'xla': 2})         # 'gemm': only the forward conv
 
-  def test_custom_conv_hook_with_probe_raises(self):
+  def test_conv_with_its_own_convolution_gets_the_vjp_term(self):
+    """A conv that brings its own conv_general_dilated keeps it; its term is the rule by the vjp."""
     module = nn.Conv(3, (3, 3), conv_general_dilated=lax.conv_general_dilated)
-    x = jnp.ones((1, 5, 5, 2))
-    params = fused.add_probes(module.init(jax.random.key(0), x)['params'], ['kernel'])
-    with pytest.raises(ValueError, match='own conv_general_dilated'):
-      with fused.use(ghl_jax.Rule(), 'gemm'):
-        module.apply({'params': params}, x)
+    x = jax.random.normal(jax.random.key(3), (2, 5, 5, 2))
+    params = module.init(jax.random.key(0), x)['params']
+    cotangent = jax.random.normal(jax.random.key(5), (2, 5, 5, 3))
+    _, term = _fused_grads(module, x, params, 'softmax_oja', {'t_inv': 0.7}, cotangent)
+    sites = ref.Sites(np.asarray(x), np.asarray(params['kernel']), ghl_jax.tap(module.apply)({'params': params}, x)[1]['layer'],
+                      params.get('bias'))
+    assert_close_to(term, ref.RULES['softmax_oja'](sites, t_inv=0.7))
 
   def test_probes_round_trip(self):
     params = {'a': {'kernel': jnp.ones((3, 3, 2, 4)), 'bias': jnp.ones(4)},
@@ -323,12 +326,13 @@ def _run_steps(model, ghl_kwargs, accum_steps, size, conv_impl=None):
   """One train step of the trainer on ``conv_impl`` (``None``: the taps reference)."""
   batch = {'image': jax.random.normal(jax.random.key(2), (4, size, size, 3)), 'label': jnp.arange(4) % 10}
   variables = model.init(jax.random.key(0), batch['image'][:1], train=False)
-  rule = None
+  rule, kernels = None, optim.DEFAULT_GHL_KERNELS
   if ghl_kwargs is not None:
     settings = dict(ghl_kwargs)
     rule = ghl_jax.Rule(settings.pop('rule'), **settings)
+    kernels = ghl_jax.selection.of_model(rule, model, batch['image'][:1], train=False)   # the GHL group
   tx = optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=10, use_ghl=rule is not None,
-                       rule=rule)
+                       rule=rule, kernels=kernels)
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(variables['params']),
            'rng': jax.random.key(1)}

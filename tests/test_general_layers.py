@@ -193,7 +193,7 @@ def test_uninterpretable_kernel_is_an_error_when_selected_and_logged_by_default(
   x = jnp.ones((1, 5, 5, 2))
   params = net.init(jax.random.key(0), x)['params']
   loss = lambda p: jnp.sum(net.apply({'params': p}, x))
-  with pytest.raises(ValueError, match='local/kernel, the kernel of an nn.ConvLocal, which GHL cannot'):
+  with pytest.raises(ValueError, match='local/kernel, the kernel of an ConvLocal, which GHL cannot read'):
     ghl_jax.value_and_grad(loss, ghl_jax.Rule(layers='local|conv'))(params)
   with caplog.at_level(logging.WARNING, logger='ghl_jax'):
     _, _, hebb = ghl_jax.value_and_grad(loss, ghl_jax.Rule())(params)

@@ -303,25 +303,30 @@ def _term(term, context, x, kernel, u, product) -> jax.Array:
   return lax.stop_gradient(term(context, x, kernel, u, product)).astype(jnp.float32)
 
 
+def _anchor() -> jax.Array:
+  return jnp.zeros((), jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _conv_with_term(x, kernel, probe, context, geometry, term, forward):
   del probe, context, term, forward
-  return _forward(x, kernel, geometry)
+  return _forward(x, kernel, geometry), _anchor()
 
 
 def _conv_with_term_fwd(x, kernel, probe, context, geometry, term, forward):
   del probe
   if not forward:
     u = _forward(x, kernel, geometry)
-    return u, (x, kernel, u, context)
+    return (u, _anchor()), (x, kernel, u, context)
   cols = patch_matrix(x, kernel.shape[:-2], geometry)
   u = _patch_conv(x, kernel, cols, geometry)
   product = _products(x, kernel.shape, geometry, cols)
-  return u, (x, kernel, _term(term, context, x, kernel, u, product), context)
+  return (u, _anchor()), (x, kernel, _term(term, context, x, kernel, u, product), context)
 
 
-def _conv_with_term_bwd(geometry, term, forward, residuals, cotangent):
+def _conv_with_term_bwd(geometry, term, forward, residuals, cotangents):
   """``∂x``, ``∂W`` and, as the probe's cotangent, the term (formed here unless ``forward``)."""
+  cotangent, _ = cotangents
   x, kernel, kept, context = residuals
   product = _products(x, kernel.shape, geometry)
   dx, dw = _conv_grads(geometry, x, kernel, product, cotangent)
@@ -333,9 +338,11 @@ _conv_with_term.defvjp(_conv_with_term_fwd, _conv_with_term_bwd)
 
 
 def conv_with_term(lhs, rhs, geometry: Geometry, *, probe, context, term: Callable,
-                   forward: bool = False) -> jax.Array:
-  """The convolution of ``lhs`` and ``rhs`` (GEMM backward) whose ``probe`` gets as cotangent
-  ``term(context, x, kernel, u, product)``, float32, with ``product(c) = Pᵀ c`` in the kernel's
-  shape over this convolution's patches; ``context`` is a pytree passed through (zero
-  cotangent). ``forward``: form the term in the forward pass (see the module docstring)."""
+                   forward: bool = False) -> tuple[jax.Array, jax.Array]:
+  """``(u, anchor)``: the convolution of ``lhs`` and ``rhs`` (GEMM backward) whose ``probe`` gets as
+  cotangent ``term(context, x, kernel, u, product)``, float32, with ``product(c) = Pᵀ c`` in the
+  kernel's shape over this convolution's patches; ``context`` is a pytree passed through (zero
+  cotangent). ``anchor`` is a zero scalar: added to the loss, it makes the backward pass form the
+  term even when ``u`` does not reach the loss. ``forward``: form the term in the forward pass (see
+  the module docstring)."""
   return _conv_with_term(lhs, rhs, probe, context, geometry, term, forward)

@@ -144,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
   mesh = make_mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  tx, phases = methods.phases(config, model, sample, total, first)
+  tx, phases, selection = methods.phases(config, model, sample, total, first)
   forced = run_config.check_resume(config, workdir, resuming=bool(saved_steps(workdir)))
 
   def init_state(rng):
@@ -172,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
   writer = MetricWriter(workdir, enabled=is_main)
   writer.rewind(start)
   writer.write_config(config)
-  model_summary = summary_lib.summarize(model, sample)
+  model_summary = summary_lib.summarize(model, sample, selection)
   if is_main:
     print(model_summary.table(), flush=True)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch

@@ -17,9 +17,9 @@ from typing import Callable, Optional
 import jax
 import optax
 
-from ghl_jax import fused
 from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import optim
+from ghl_jax import selection as selection_lib
 from ghl_jax import transform
 from ghl_jax.rule import Rule
 from ghl_jax.train import steps as steps_lib
@@ -42,14 +42,13 @@ class Phase:
   probe: Optional[str] = None
 
 
-def governed_kernels(model, sample, rule: Rule) -> tuple[str, ...]:
-  """Kernel paths ``rule`` selects in ``model``, found by tracing it once (no compute)."""
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), sample, train=False))
-  layers = fused.find_layers(model.apply, variables, sample, train=False)
+def selection_of(model, sample, rule: Rule, section: str = 'ghl') -> selection_lib.Selection:
+  """What ``rule`` governs in ``model`` (:func:`ghl_jax.selection.of_model`: one abstract trace); its
+  errors name the config section."""
   try:
-    return tuple(fused.selected_kernels(rule, layers, variables['params']))
+    return selection_lib.of_model(rule, model, sample, train=False)
   except ValueError as error:
-    raise validate.ConfigError(f'config.ghl.layers: {error}') from None
+    raise validate.ConfigError(f'config.{section}: {error}') from None
 
 
 def budget(config, num_train_examples: int) -> tuple[int, int, int]:
@@ -92,7 +91,8 @@ def base_optimizer(o, total: int):
 
 def supervised_optimizer(config, total: int, rule: Optional[Rule], kernels) -> tuple:
   """``(tx, lr_fns)`` of methods 'ghl' (``rule`` given) and 'bp' (``rule=None``): the paper's
-  two groups (``kernels`` the GHL group) or ``config.optimizer`` with GHL chained before it."""
+  two groups (``kernels``, the selection's paths, the GHL group) or ``config.optimizer`` with GHL
+  chained before it."""
   o = config.optimizer
   ghl_args = dict(direction=config.ghl.direction, magnitude=config.ghl.magnitude)
   if o.name == 'paper_sgd':
@@ -121,24 +121,23 @@ def hebbian_optimizer(config, total: int, rule: Rule, first: int) -> tuple:
   return tx, {'probe': lambda step: schedule(step - first)}
 
 
-def phases(config, model, sample, total: int, first: int) -> tuple[optax.GradientTransformation, list]:
-  """``(tx, [Phase, ...])`` of ``config.method`` over ``total`` steps (``first`` of them
-  unsupervised for method 'hebbian')."""
+def phases(config, model, sample, total: int, first: int) -> tuple[optax.GradientTransformation, list, selection_lib.Selection]:
+  """``(tx, [Phase, ...], selection)`` of ``config.method`` over ``total`` steps (``first`` of them
+  unsupervised for method 'hebbian'); ``selection``: what the rule governs, decided here once (the
+  BP baseline trains the same kernels as its paper-recipe group)."""
   impl, accum, log_every = config.get('conv_impl', 'auto'), config.grad_accum_steps, config.log_every_steps
+  section = 'hebbian' if config.method == 'hebbian' else 'ghl'
+  selection = selection_of(model, sample, validate.rule_of(config, section), section)
+  rule = selection.rule.replace(layers=selection.rule_paths)
   if config.method == 'hebbian':
-    rule = validate.rule_of(config, 'hebbian')
-    rule = rule.replace(layers=governed_kernels(model, sample, rule))
     tx, lr_fns = hebbian_optimizer(config, total, rule, first)
     probe = steps_lib.make_train_step(model, tx, rule=None, accum_steps=accum, lr_fns=lr_fns,
                                       trainable=config.hebbian.trainable, conv_impl=impl, log_every=log_every)
     return tx, [Phase('hebbian', steps_lib.make_hebbian_step(model, tx, rule=rule, log_every=log_every),
                       config.hebbian.batch_size, 0, first, evaluates=False),
-                Phase('probe', probe, config.batch_size, first, total, probe=config.hebbian.trainable)]
-  rule = validate.rule_of(config, 'ghl')
-  kernels = governed_kernels(model, sample, rule)     # bp: the paper's conv group
-  rule = rule.replace(layers=kernels)
+                Phase('probe', probe, config.batch_size, first, total, probe=config.hebbian.trainable)], selection
   use = rule if config.method == 'ghl' else None
-  tx, lr_fns = supervised_optimizer(config, total, use, kernels)
+  tx, lr_fns = supervised_optimizer(config, total, use, selection.paths)
   step = steps_lib.make_train_step(model, tx, rule=use, accum_steps=accum, lr_fns=lr_fns, conv_impl=impl,
                                    log_every=log_every)
-  return tx, [Phase(config.method, step, config.batch_size, 0, total)]
+  return tx, [Phase(config.method, step, config.batch_size, 0, total)], selection

@@ -28,6 +28,7 @@ import optax
 import ghl_jax
 from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import transform
+from ghl_jax import trees
 from ghl_jax.rule import Rule
 from ghl_jax.tap import tap
 
@@ -53,13 +54,9 @@ def _l2(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def _flat(tree) -> dict:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
-
-
 def hebbian_stats(hebb: dict, grads: Any) -> dict:
   """Per-layer max|H| and the fraction of weights where sign(−H) agrees with sign(G)."""
-  flat = _flat(grads)
+  flat = trees.flat(grads)
   stats = {}
   for path, h in hebb.items():
     name = path.rsplit('/', 1)[0]
@@ -71,7 +68,7 @@ def hebbian_stats(hebb: dict, grads: Any) -> dict:
 def finite_flags(loss, grads, hebb) -> dict:
   """``{name: finite}`` in the order a fault is reported: loss, gradients, Hebbian terms."""
   flags = {'loss': jnp.isfinite(loss)}
-  for path, g in _flat(grads).items():
+  for path, g in trees.flat(grads).items():
     flags[f'grad/{path}'] = jnp.all(jnp.isfinite(g))
   for path, h in hebb.items():
     flags[f'hebb/{path}'] = jnp.all(jnp.isfinite(h.term))
@@ -190,7 +187,7 @@ def make_hebbian_step(model, tx: optax.GradientTransformation, *, rule: Rule,
     new_params = optax.apply_updates(params, updates)
 
     def stats():
-      flat = _flat(new_params)
+      flat = trees.flat(new_params)
       out = {'l2/params': _l2(params), 'l2/updates': _l2(updates)}
       for path, h in hebb.items():
         name = path.rsplit('/', 1)[0]
