@@ -102,7 +102,7 @@ def measure(name: str, args) -> list:
   total, per_epoch, first = methods.budget(config, info.num_train)
   model = loop.build_model(config, info.num_classes)
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
-  tx, phases = methods.phases(config, model, sample, total, first)
+  tx, phases, _ = methods.phases(config, model, sample, total, first)
   variables = jax.jit(lambda: model.init(jax.random.key(0), sample, train=False))()
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(variables['params']),

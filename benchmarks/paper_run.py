@@ -96,7 +96,7 @@ class Run:
     sample = _pixels(images[:1])
     variables = jax.jit(lambda: self.model.init(jax.random.key(args.seed), sample, train=False))()
     config.log_every_steps = self.per_epoch           # the step's statistics once per epoch
-    tx, (phase,) = methods.phases(config, self.model, sample, total, 0)
+    tx, (phase,), _ = methods.phases(config, self.model, sample, total, 0)
     self.state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
                   'batch_stats': variables.get('batch_stats', {}), 'opt_state': tx.init(variables['params']),
                   'rng': jax.random.key(args.seed + 1)}

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 import ghl_jax
 from benchmarks import loops
+from ghl_jax import adapters
 from ghl_jax import models, optim, transform
 from ghl_jax.kernels import host_memory
 from ghl_jax.train import steps, summary
@@ -145,7 +146,8 @@ def model_flops(model, batch, ghl_layers=None) -> dict:
   calls = []
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and isinstance(context.module, (nn.Conv, nn.Dense)):
+    layer = adapters.read(context.module) if context.method_name == '__call__' else None
+    if getattr(layer, 'is_conv', False) or getattr(layer, 'is_dense', False):
       calls.append(transform.kernel_path(context.module.path))
     return next_fun(*args, **kwargs)
 

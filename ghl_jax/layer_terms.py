@@ -27,6 +27,7 @@ from jax import lax
 
 from ghl_jax import accel
 from ghl_jax import adapters
+from ghl_jax import trees
 
 _ANCHORS: contextvars.ContextVar = contextvars.ContextVar('ghl_anchors', default=None)
 
@@ -211,8 +212,8 @@ def _interceptor(term_of: Callable, probe_names: tuple, gemm: bool):
     if probe is None:
       return next_fun(*args, **kwargs)
     inputs = args[0] if args else kwargs['inputs']
-    kernel = module.get_variable('params', 'kernel')
-    bias = module.get_variable('params', 'bias') if getattr(module, 'use_bias', False) else None
+    kernel = trees.unbox(module.get_variable('params', 'kernel'))
+    bias = trees.unbox(module.get_variable('params', 'bias')) if getattr(module, 'use_bias', False) else None
     layer = adapters.read(module, args, kwargs)
     return call_with_term(module, lambda: next_fun(*args, **kwargs), inputs, probe, forward,
                           term_of('/'.join(module.path)), gemm, kernel, bias, layer)

@@ -275,7 +275,7 @@ def test_nnx_taps_give_the_linen_terms():
 def test_nnx_errors_are_one_line():
   model = NnxCNN(nnx.Rngs(0))
   loss = lambda m: jnp.sum(m(jnp.ones((1, 4, 4, 2))))
-  with pytest.raises(ValueError, match='selects no NNX layer'):
+  with pytest.raises(ValueError, match='selects no kernel of the model'):
     ghl_jax.nnx.value_and_grad(loss, ghl_jax.Rule(layers='nothing'))(model)
   with pytest.raises(TypeError, match='ghl_jax.Rule'):
     ghl_jax.nnx.value_and_grad(loss, 'softmax_oja')
