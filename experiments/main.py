@@ -116,7 +116,7 @@ def main(argv):
   with quiet.stderr_filtered() if FLAGS.verbosity < 0 else contextlib.nullcontext():
     from ghl_jax import train               # pylint: disable=import-outside-toplevel
     from ghl_jax.train import data, distributed, validate  # pylint: disable=import-outside-toplevel
-  distributed.initialize()
+  distributed.initialize(FLAGS.config)
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (validate.ConfigError, data.DatasetMissingError, train.NumericalError) as error:

@@ -124,6 +124,17 @@ def base() -> ml_collections.ConfigDict:
   c.force = False                        # resume a workdir written by a different model/dataset
   c.profile_steps = placeholder(object)  # '10,12' or [10, 12]: jax.profiler trace of steps 10-12 in WORKDIR/profile
   c.sweep = ()                           # list of override dicts, expanded by launch/sweep.py
+  # Fault tolerance (ghl_jax/train/watchdog.py). Off for interactive use; launch/gpu.sh and
+  # launch/tpu_pod.sh turn it on. A phase past its timeout: one line, exit 75 (launch/ restarts).
+  c.watchdog = ml_collections.ConfigDict({
+      'enabled': False,
+      'startup_s': 3600.0,               # start-up and each phase's first (compiling) step
+      'restore_s': 1800.0, 'step_s': 600.0, 'eval_s': 3600.0, 'save_s': 1800.0,   # 0: no limit
+      'step_factor': 50.0,               # step limit >= this x the median measured step
+      'sigterm_grace_s': 120.0,          # SIGTERM: save and stop within this, else exit 76; 0: wait
+      'heartbeat_s': 100,                # multi-process: a silent peer is dead after this (jax.distributed)
+      'shutdown_s': 300,                 # multi-process: how long an exiting process waits for the others
+  })
   return c
 
 

@@ -5,6 +5,23 @@ the state replicated; the method's phases (:mod:`ghl_jax.train.methods`), each a
 top-1/top-5; orbax checkpoints that always resume from the workdir (the data position is the
 step: batches are a pure function of (seed, step)); metrics to JSONL and TensorBoard; a progress
 line with images/s and ETA; fail-fast on NaN/Inf naming the step and the first bad layer.
+
+Same computations in the same order on every process (multi-host runs cannot deadlock on it): every
+computation over global arrays (train and eval steps, the SIGTERM vote, the NaN check's fetch, the
+checkpoint's copy to host) is dispatched by the main thread, in program order, and every branch
+that decides which one comes next reads only the config, the step and global values (the vote's
+result, the replicated metrics), so all processes issue the same sequence. No other thread issues
+one: orbax's background save thread synchronises hosts through the distributed runtime's barriers
+(:mod:`ghl_jax.train.checkpoint`), never through an XLA collective; metrics are written by the main
+thread.
+
+A stuck run ends itself (:mod:`ghl_jax.train.watchdog`): with ``config.watchdog.enabled`` each phase
+(start-up, restore, step, eval, save) has a timeout, after which one line names the phase, the step
+and the process and the process exits with code 75 (launch/ restarts it; it resumes from the last
+complete checkpoint). SIGTERM always ends the process: all processes save the same step and stop,
+or, when the main thread cannot react within ``config.watchdog.sigterm_grace_s``, one line says that
+no checkpoint was written for the current interval (exit 76). A collective that fails because a peer
+process is gone ends the process with one line (exit 75).
 """
 from __future__ import annotations
 
@@ -27,6 +44,7 @@ from ghl_jax.train import methods
 from ghl_jax.train import steps as steps_lib
 from ghl_jax.train import validate
 from ghl_jax.train import run_config
+from ghl_jax.train import watchdog as watchdog_lib
 from ghl_jax.train.checkpoint import Checkpointer, saved_steps
 from ghl_jax.train import summary as summary_lib
 from ghl_jax.train.metrics import MetricWriter, Progress, StepProfiler, last_eval
@@ -83,16 +101,20 @@ class _Preemption:
   One process may see SIGTERM while the others do not (or see it a step later), so :meth:`agreed`
   reduces the local flags over all devices (a max) at every step boundary and answers with the
   reduction of the boundary before: it runs behind the step in flight, and every process reads the
-  same value at the same step, so all of them save that step and stop.
+  same value at the same step, so all of them save that step and stop. The Python handler runs only
+  when the main thread runs Python; :class:`~ghl_jax.train.watchdog.SigtermGuard` ends the process
+  when it cannot within ``grace`` seconds (the main thread waits in a collective whose peer is stuck).
   """
 
-  def __init__(self, mesh):
+  def __init__(self, mesh, *, grace: float = 0.0, describe=lambda: ''):
     self.requested = False
     self._sharding = NamedSharding(mesh, P('data'))
     self._any = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
     self._vote = None
+    self._guard = None
     if threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handle)
+      self._guard = watchdog_lib.SigtermGuard(grace, process_index=jax.process_index(), describe=describe)
     else:
       self._old = None
 
@@ -108,6 +130,8 @@ class _Preemption:
     return previous is not None and bool(jax.device_get(previous))
 
   def restore(self):
+    if self._guard is not None:
+      self._guard.finished()
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
@@ -119,6 +143,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
   ``tune_host``: on CPU, set this process's allocator to keep freed memory for the next step
   (:func:`ghl_jax.accel.prepare_host`, until the process exits); False leaves it alone (notebooks).
   """
+  dog = watchdog_lib.Watchdog(watchdog_lib.limits(config), process_index=jax.process_index())
+  try:
+    return _train(config, workdir, tune_host, dog)
+  except jax.errors.JaxRuntimeError as error:
+    _peer_lost(error, dog)
+    raise
+  finally:
+    dog.stop()
+
+
+def _peer_lost(error: Exception, dog: watchdog_lib.Watchdog) -> None:
+  """In a multi-process run a failed computation means a peer is gone: one line, exit 75 (no clean-up,
+  which would wait for the peer)."""
+  if jax.process_count() == 1:
+    return
+  phase, step, _ = dog.state
+  reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+  watchdog_lib.abort(f'process {jax.process_index()}: a computation over all processes failed in {phase} at '
+                     f'step {step} ({reason}); a peer process is gone or unreachable; exiting with code '
+                     f'{watchdog_lib.EXIT_STUCK} to be restarted from the last complete checkpoint.',
+                     watchdog_lib.EXIT_STUCK)
+
+
+def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) -> dict:
   validate.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   validate.check_workdir(workdir)
   try:
@@ -156,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
             'rng': train_rng}
 
   state = jax.jit(init_state, out_shardings=replicated)(jax.random.key(config.seed))
+  dog.enter('restore', max(saved_steps(workdir), default=0))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, metadata={'config': run_config.flatten(config)})
   restored = ckpt.restore_latest(state, changed=forced)
   if jax.process_index() == 0:
@@ -163,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
   if restored is not None:
     state = restored
   start = int(jax.device_get(state['step']))
+  dog.enter('startup', start)
   if jax.process_index() == 0:
     print(f"{'Resuming' if start else 'Starting'} from step {start} of {total} ({per_epoch} steps/epoch, "
           f'{jax.device_count()} devices).', flush=True)
@@ -176,8 +226,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
   if is_main:
     print(model_summary.table(), flush=True)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-  preemption = _Preemption(mesh)
+  grace = float(config.get('watchdog', {}).get('sigterm_grace_s', 0) or 0)
+  describe = lambda: 'in {} at step {}'.format(*dog.state[:2])
+  preemption = _Preemption(mesh, grace=grace, describe=describe)
   final = {}
+  done = start
   try:
     for number, phase in enumerate(phases, 1):
       if start >= phase.stop:
@@ -196,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
         local = next(batches)
         if step == start:
           check_batch(local, info.image_shape)
+        dog.enter('startup' if step == first else 'step', step + 1)
         profiler.before(step + 1)
         state, metrics = step_fn(state, jax.make_array_from_process_local_data(batch_sharding, local))
         profiler.after(step + 1, metrics)
@@ -210,12 +264,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
           _report(pending, writer, progress, config, tag)
           pending = None
         if evaluate_now:
+          dog.enter('eval', done)
           final = evaluate(state)
           writer.write(done, final)
           writer.write_fields(done, model_summary.first_kernel(state['params']))
           if is_main:
             print(f'eval at step {done}: ' + ' | '.join(f'{k} {v:.4f}' for k, v in final.items()), flush=True)
         if save_now:
+          dog.enter('save', done)
           ckpt.save(done, state, force=True)
         if stop:
           message = f'SIGTERM: process {jax.process_index()} saved step {done} with every process and stops.'
@@ -224,8 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tune_
           return final
       if pending is not None:
         _report(pending, writer, progress, config, tag)
+  except jax.errors.JaxRuntimeError as error:
+    _peer_lost(error, dog)                   # before the clean-up below, which would wait for the peer
+    raise
   finally:
     profiler.stop()
+    dog.enter('save', done)                  # the last save's background write ends here
     ckpt.close()
     writer.close()
     preemption.restore()

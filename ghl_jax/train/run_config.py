@@ -25,7 +25,9 @@ RESUMABLE = frozenset({
     'data.data_dir', 'data.manual_dir', 'data.download', 'compilation_cache_dir',  # where files live
     'conv_impl',                                        # the same convolution by another kernel
     'force', 'sweep',                                   # switches of the command line and launcher
-})
+}) | {f'watchdog.{name}' for name in (                  # fault tolerance: timeouts and grace periods
+    'enabled', 'startup_s', 'restore_s', 'step_s', 'eval_s', 'save_s', 'step_factor', 'sigterm_grace_s',
+    'heartbeat_s', 'shutdown_s')}
 
 
 class _Unset:

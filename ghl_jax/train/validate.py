@@ -57,6 +57,19 @@ def _t_inv_values(t_inv):
   return t_inv.values() if hasattr(t_inv, 'values') else [t_inv]
 
 
+def _watchdog(config) -> None:
+  """Timeouts and grace periods are numbers >= 0 (0: no limit)."""
+  dog = config.get('watchdog')
+  if dog is None:
+    return
+  for name, value in dog.items():
+    if name == 'enabled':
+      if not isinstance(value, bool):
+        raise ConfigError(f'config.watchdog.enabled must be True or False, got {value!r}.')
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise ConfigError(f'config.watchdog.{name} must be a number >= 0 (0: no limit), got {value!r}.')
+
+
 def validate(config, *, device_count: int, process_count: int = 1) -> None:
   """Raises :class:`ConfigError` for the first impossible setting of ``config``."""
   if config.model.name not in models.names():
@@ -76,6 +89,7 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
     raise ConfigError(f'Nothing to train: set config.num_train_steps > 0 or config.num_epochs > 0 '
                       f'(got {config.num_train_steps} and {config.num_epochs}).')
   _step_counts(config)
+  _watchdog(config)
   for name in ('batch_size', 'eval_batch_size'):
     size = config[name]
     if size % device_count:

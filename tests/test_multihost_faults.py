@@ -1,0 +1,124 @@
+"""A stuck multi-process run ends itself, and a restart resumes it to the uninterrupted run's params.
+
+2 processes x 2 simulated CPU devices over loopback (gloo), DeepHebb (width 0.05) on the tiny tfds
+dataset, tiny timeouts: process 1 stopped (SIGSTOP) so that process 0 waits in a collective forever,
+then the watchdog's line (exit 75); SIGTERM to process 0 while it waits there, then the grace
+period's line (exit 76); process 1 killed (SIGKILL), then process 0's lost-peer line (exit 75).
+After each, both processes restart on the same workdir, resume from the last complete checkpoint and
+finish with the params of an uninterrupted 2-process run, bit for bit.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+
+from ghl_jax.train import plots
+from ghl_jax.train.checkpoint import saved_steps
+from ghl_jax.train.watchdog import EXIT_SIGTERM, EXIT_STUCK
+from test_fault_tolerance import flat_overrides, free_port, logged_steps, wait_for
+from test_train import REPO, tiny_config
+
+STEPS = 16
+STEP_S = 8.0          # the watchdog's step limit in these tests
+GRACE_S = 5.0         # the SIGTERM grace period
+HEARTBEAT_S = 20      # the distributed runtime's heartbeat timeout
+
+
+def config_for(tiny_tfds, **watchdog):
+  config = tiny_config(*tiny_tfds, num_train_steps=STEPS, checkpoint_every_steps=2, eval_every_steps=4)
+  config.watchdog.update({'heartbeat_s': HEARTBEAT_S, 'shutdown_s': 10, 'sigterm_grace_s': GRACE_S,
+                          **watchdog})
+  return config
+
+
+def start_pair(config, workdirs, fault=''):
+  """Both processes of a run over ``workdirs`` (trained one after the other); ``fault``: see
+  ``distributed_worker.py``."""
+  port = free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=REPO,
+             JAX_PLATFORMS='cpu', GHL_TEST_FAULT=fault)
+  return [subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'distributed_worker.py'), str(i), '2',
+                            str(port), os.pathsep.join(workdirs), json.dumps(flat_overrides(config))],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+
+
+def stopped(process) -> bool:
+  with open(f'/proc/{process.pid}/stat') as f:
+    return f.read().rsplit(')', 1)[1].split()[0] == 'T'
+
+
+def interrupted(workers, act=None):
+  """Waits for process 1 to stop or die, calls ``act(workers)``, and returns process 0's exit code,
+  its last line and the seconds from process 1's stop (or death) to process 0's exit."""
+  try:
+    assert wait_for(lambda: workers[1].poll() is not None or stopped(workers[1]), workers[0], poll=0.05), \
+        workers[0].communicate()[0][-3000:]
+    began = time.time()
+    if act is not None:
+      act(workers)
+    out = workers[0].communicate(timeout=120)[0]
+    lines = [line for line in out.strip().splitlines() if not line.startswith('[Gloo]')]
+    return workers[0].returncode, (lines or [''])[-1], time.time() - began, out
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+      w.communicate()
+
+
+def resumes_from_last_checkpoint(output: str, last: int) -> bool:
+  return (f'Resuming from step {last} of {STEPS}' if last else f'Starting from step 0 of {STEPS}') in output
+
+
+def test_stuck_killed_and_terminated_peers_end_with_one_line_and_the_run_resumes_bit_for_bit(tiny_tfds, tmp_path):
+  """1. Process 1 stops (SIGSTOP) before step 6: process 0's watchdog ends it (exit 75, one line).
+  2. Restarted, process 1 stops before step 10 and process 0 gets SIGTERM while it waits in a
+     collective: it exits within the grace period (exit 76, one line).
+  3. Restarted, process 1 dies (SIGKILL) before step 14: process 0 exits (exit 75, one line).
+  4. Restarted, the run finishes. Each restart resumes from the last complete checkpoint, and the
+     params equal those of an uninterrupted 2-process run (trained by the first start) bit for bit.
+  """
+  reference, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'run')
+  watched = config_for(tiny_tfds, enabled=True, startup_s=300.0, restore_s=120.0, step_s=STEP_S, eval_s=60.0,
+                       save_s=60.0, step_factor=0.0)
+  unwatched = config_for(tiny_tfds)                           # the watchdog off: only SIGTERM's grace
+
+  code, line, seconds, out = interrupted(start_pair(watched, [reference, workdir], fault='1:stop:6'))
+  assert code == EXIT_STUCK, out[-3000:]
+  assert line.startswith('watchdog: process 0 stuck in step at step ') and 'config.watchdog.step_s' in line, line
+  assert seconds < STEP_S + 10, seconds
+  assert logged_steps(reference) == list(range(1, STEPS + 1))
+
+  def terminate(workers):
+    time.sleep(1.0)                              # process 0 waits in the step's collective by now
+    workers[0].send_signal(signal.SIGTERM)
+
+  last = max(saved_steps(workdir), default=0)
+  workers = start_pair(unwatched, [workdir], fault='1:stop:10')
+  code, line, seconds, out = interrupted(workers, terminate)
+  assert resumes_from_last_checkpoint(out, last), out[-3000:]
+  assert code == EXIT_SIGTERM, out[-3000:]
+  assert line.startswith(f'SIGTERM: process 0 could not stop within {GRACE_S:g} s') and \
+      'no checkpoint was written for the current interval' in line, line
+  assert seconds < 1.0 + GRACE_S + 5.0, seconds
+
+  last = max(saved_steps(workdir), default=0)
+  code, line, seconds, out = interrupted(start_pair(unwatched, [workdir], fault='1:kill:14'))
+  assert resumes_from_last_checkpoint(out, last), out[-3000:]
+  assert code == EXIT_STUCK, out[-3000:]
+  assert line.startswith('process 0: ') and 'a peer process is gone' in line, line
+  assert seconds < HEARTBEAT_S + 10, seconds
+
+  last = max(saved_steps(workdir), default=0)
+  assert 0 < last < STEPS
+  workers = start_pair(unwatched, [workdir])
+  outputs = [w.communicate(timeout=300)[0] for w in workers]
+  assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  assert resumes_from_last_checkpoint(outputs[0], last), outputs[0][-3000:]
+  chex.assert_trees_all_equal(plots.latest_params(workdir), plots.latest_params(reference))
+  assert logged_steps(workdir) == list(range(1, STEPS + 1))
