@@ -299,14 +299,64 @@ def _bands(ax, rows: list, series, several: bool) -> int:
   return drawn
 
 
+ALIGNMENT = (('cos_update', 'cos(−update, G)'), ('cos_magnitude', 'cos(|Ĥ|, |G|)'),
+             ('near_zero', 'share of weights with |Ĥ| < 1e-3'), ('top_overlap', 'top-10 % |G| ∩ top-10 % |Ĥ|'))
+
+
+def alignment_layers(rows: list) -> list:
+  """The layers with gradient-alignment metrics (``align/<layer>/<measure>``) in any run, in order."""
+  layers = {}
+  for row in rows:
+    for run in row.runs:
+      for r in run.rows:
+        for key in r:
+          if key.startswith('align/'):
+            layers.setdefault(key.split('/')[1], None)
+  return list(layers)
+
+
+def alignment_curve(layer: str, measure: str):
+  """``rows -> [(step, value)]`` of one layer's alignment measure."""
+  key = f'align/{layer}/{measure}'
+  return lambda run_rows: [(r['step'], r[key]) for r in run_rows if key in r]
+
+
+def _alignment_panels(axes, rows: list) -> None:
+  """One panel per measure of :data:`ALIGNMENT`: each group's mean over its seeds, one line style
+  a layer."""
+  styles = ('-', '--', ':', '-.')
+  for ax, (measure, title) in zip(axes, ALIGNMENT):
+    for number, layer in enumerate(alignment_layers(rows)):
+      for index, row in enumerate(rows):
+        at = {}
+        for run in row.runs:
+          for step, value in alignment_curve(layer, measure)(run.rows):
+            at.setdefault(step, []).append(value)
+        if at:
+          steps = sorted(at)
+          ax.plot(steps, [np.mean(at[s]) for s in steps], styles[number % len(styles)], color=f'C{index % 10}',
+                  label=f'{row.label} · {layer}')
+    ax.set(xlabel='step', title=title)
+    ax.grid(alpha=0.3)
+  axes[-1].legend(fontsize='x-small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
+
+
 def plot(rows: list, out: str) -> str:
-  """Test top-1 and training loss over steps: each group's mean over its seeds with a ±std band,
-  as a PNG."""
+  """Test top-1 and training loss over steps: each group's mean over its seeds with a ±std band;
+  below them, where runs logged it, the gradient alignment of each governed layer
+  (:mod:`ghl_jax.diagnostics`); as a PNG."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(12, 4.2))
+  aligned = bool(alignment_layers(rows))
+  fig = Figure(figsize=(12, 8.4) if aligned else (12, 4.2))
   FigureCanvasAgg(fig)
-  top1, loss = fig.subplots(1, 2)
+  if aligned:
+    grid = fig.add_gridspec(2, len(ALIGNMENT))
+    top1 = fig.add_subplot(grid[0, :2])
+    loss = fig.add_subplot(grid[0, 2:])
+    _alignment_panels([fig.add_subplot(grid[1, i]) for i in range(len(ALIGNMENT))], rows)
+  else:
+    top1, loss = fig.subplots(1, 2)
   several = len({(r.model, r.dataset) for r in rows}) > 1
   if not _bands(top1, rows, curve, several):
     raise ReportError('no run has a test evaluation to plot: leave out --plot or wait for an eval.')
@@ -334,7 +384,7 @@ def main(argv=None) -> int:
   parser = _Parser(prog='python -m experiments.report', description=__doc__.splitlines()[0])
   parser.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='run workdirs (any order, seeds pooled)')
   parser.add_argument('--markdown', action='store_true', help='print a markdown table')
-  parser.add_argument('--plot', metavar='FILE', help='write the test top-1 and training loss curves to this PNG')
+  parser.add_argument('--plot', metavar='FILE', help='write the test top-1, training loss and gradient-alignment curves to this PNG')
   args = parser.parse_args(argv)
   try:
     workdirs = list(dict.fromkeys(args.workdirs))

@@ -29,7 +29,8 @@ def fabricate(workdir, config, top1, *, hebbian_stats=True):
   for step in LOGS:
     time += 0.5
     rows.append({'step': step, 'time': time, 'loss': 1.0, 'accuracy': 0.5,
-                 **({'hebb/conv1/max_abs': 1.0} if hebbian_stats else {})})
+                 **({'hebb/conv1/max_abs': 1.0, 'align/conv1/cos_update': 0.1 * step / 30,
+                     'align/conv1/near_zero': 0.2} if hebbian_stats else {})})
     if step in EVALS:
       time += 7.0
       rows.append({'step': step, 'time': time, 'eval/loss': 1.0, 'eval/top1': float(top1[EVALS.index(step)])})
@@ -99,6 +100,14 @@ def test_plain_table_and_plot(sweep, capsys, tmp_path):
   assert lines[0].split()[:2] == ['method', 'model'] and set(lines[1]) == {'-', ' '} and len(lines) == 4
   assert lines[2].startswith('GHL ') and lines[3].startswith('GHL ablation: signsgd')
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_draws_the_logged_gradient_alignment(sweep):
+  workdirs, _ = sweep
+  rows = report.summarize([report.load(w) for w in workdirs])
+  assert report.alignment_layers(rows) == ['conv1']
+  curve = report.alignment_curve('conv1', 'cos_update')(rows[0].runs[0].rows)
+  assert [step for step, _ in curve] == list(LOGS) and curve[-1][1] == 0.1
 
 
 def test_markdown_labels_differences_and_paper_only_for_its_recipe(tmp_path, capsys):

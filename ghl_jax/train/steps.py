@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 import ghl_jax
+from ghl_jax import diagnostics
 from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import transform
 from ghl_jax import trees
@@ -54,14 +55,17 @@ def _l2(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def hebbian_stats(hebb: dict, grads: Any) -> dict:
-  """Per-layer max|H| and the fraction of weights where sign(−H) agrees with sign(G)."""
+def hebbian_stats(hebb: dict, grads: Any, updates: Any = None) -> dict:
+  """Per governed layer: max|H|, the fraction of weights where sign(−H) agrees with sign(G), and the
+  gradient alignment of :mod:`ghl_jax.diagnostics` (``align/<layer>/<measure>``)."""
   flat = trees.flat(grads)
   stats = {}
   for path, h in hebb.items():
     name = path.rsplit('/', 1)[0]
     stats[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
     stats[f'hebb/{name}/sign_agreement'] = jnp.mean(jnp.sign(-h.term) == jnp.sign(flat[path]))
+  for name, measures in diagnostics.alignment(hebb, grads, updates).items():
+    stats.update({f'align/{name}/{key}': value for key, value in measures.items() if key != 'sign_agreement'})
   return stats
 
 
@@ -155,7 +159,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[R
     new_params = optax.apply_updates(params, updates)
     stats = lambda: {'l2/params': _l2(params), 'l2/grads': _l2(grads), 'l2/updates': _l2(updates),
                      **{f'lr/{name}': fn(state['step']) for name, fn in lr_fns.items()},
-                     **hebbian_stats(hebb, grads)}
+                     **hebbian_stats(hebb, grads, updates)}
     metrics = {'loss': loss, 'accuracy': correct / batch['label'].shape[0],
                **checks(state['step'], log_every, loss, grads, hebb, stats)}
     new_state = dict(state, step=state['step'] + 1, params=new_params,
