@@ -14,6 +14,7 @@ logits: then (a log line says so) every evaluation runs in full.
 """
 from __future__ import annotations
 
+import collections
 from typing import Callable, Iterable, Optional
 
 from absl import logging
@@ -27,6 +28,7 @@ from ghl_jax.train import data as data_lib
 from ghl_jax.train import steps as steps_lib
 
 MAX_BYTES = 4 << 30          # cached eval features per process
+IN_FLIGHT = 2                # eval computations dispatched ahead of the host (see evaluate)
 CHECK_RTOL = 1e-4            # probe-on-features vs full-network logits, relative to max |logit|
 
 
@@ -41,15 +43,30 @@ def eval_batches(config, mesh) -> Iterable[dict]:
 
 def evaluate(eval_step, state, config, mesh, batches: Optional[Iterable[dict]] = None) -> dict:
   """Top-1/top-5 accuracy and loss over the whole eval split (every example once), or over
-  ``batches`` already made from it."""
-  totals = None
+  ``batches`` already made from it.
+
+  One computation per batch, at most :data:`IN_FLIGHT` of them ahead of the host: each batch's sums
+  are fetched (and added up on the host) before the batch after next is dispatched. XLA:CPU holds a
+  bounded number of executions in flight per device and launches them from a thread pool, so
+  dozens queued at once (an eval step and a device-side add per batch) can fill one device's slots
+  with executions that wait for a collective another of its executions never gets a slot to join:
+  a multi-process run then waits forever."""
+  totals = collections.Counter()
+  pending = collections.deque()
+
+  def add(sums):
+    for key, value in jax.device_get(sums).items():
+      totals[key] += float(value)
+
   for batch in eval_batches(config, mesh) if batches is None else batches:
-    sums = eval_step(state, batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'eval/loss': float(totals['loss']) / count, 'eval/top1': float(totals['top1']) / count,
-          'eval/top5': float(totals['top5']) / count}
+    pending.append(eval_step(state, batch))
+    if len(pending) >= IN_FLIGHT:
+      add(pending.popleft())
+  while pending:
+    add(pending.popleft())
+  count = max(totals['count'], 1.0)
+  return {'eval/loss': totals['loss'] / count, 'eval/top1': totals['top1'] / count,
+          'eval/top5': totals['top5'] / count}
 
 
 class ProbeEvaluation:
@@ -115,6 +132,8 @@ class ProbeEvaluation:
                                f'(relative error {float(error):.1e})')
       else:
         z = self._features(state, batch)
+        if cache:
+          jax.block_until_ready(cache[-1]['features'])   # at most two feature passes in flight (evaluate)
       size += sum(s.data.nbytes for s in z.addressable_shards)
       if size > self._max_bytes:
         return self._give_up(f'its features would take more than {self._max_bytes / 2**30:.1f} GiB')

@@ -6,14 +6,19 @@ top-1/top-5; orbax checkpoints that always resume from the workdir (the data pos
 step: batches are a pure function of (seed, step)); metrics to JSONL and TensorBoard; a progress
 line with images/s and ETA; fail-fast on NaN/Inf naming the step and the first bad layer.
 
-Same computations in the same order on every process (multi-host runs cannot deadlock on it): every
-computation over global arrays (train and eval steps, the SIGTERM vote, the NaN check's fetch, the
-checkpoint's copy to host) is dispatched by the main thread, in program order, and every branch
-that decides which one comes next reads only the config, the step and global values (the vote's
-result, the replicated metrics), so all processes issue the same sequence. No other thread issues
-one: orbax's background save thread synchronises hosts through the distributed runtime's barriers
-(:mod:`ghl_jax.train.checkpoint`), never through an XLA collective; metrics are written by the main
-thread.
+Same computations in the same order on every process, few in flight (multi-host runs cannot
+deadlock on them): every computation over global arrays (train and eval steps, the SIGTERM vote,
+orbax's barriers inside ``ckpt.save``) is dispatched by the main thread, in program order, and every
+branch that decides which one comes next reads only the config, the step and global values (the
+vote's result, the replicated metrics), so all processes issue the same sequence; no other thread
+dispatches one (orbax's background save thread writes files and meets the other processes at the
+distributed runtime's barriers). And at most a handful are in flight per device: each step waits
+for the one before it (the NaN check fetches its ``finite`` flag), each vote for the vote before,
+an evaluation keeps two batches in flight (:func:`ghl_jax.train.evaluation.evaluate`). XLA:CPU
+launches queued executions from a thread pool into a bounded number of slots per device; a long
+queue (an evaluation that dispatched an eval step and four device-side adds per batch, all at
+once) could fill one device's slots with executions waiting for a collective whose own execution on
+that device never got a slot, and both processes waited forever (issue 24).
 
 A stuck run ends itself (:mod:`ghl_jax.train.watchdog`): with ``config.watchdog.enabled`` each phase
 (start-up, restore, step, eval, save) has a timeout, after which one line names the phase, the step
