@@ -6,6 +6,11 @@
 # or start it under SLURM (srun), where JAX finds the coordinator by itself.
 # Installs ghl_jax[train] with the CUDA jaxlib into .venv whenever the venv lacks them, prints the
 # GPUs this host will use, and stops with one line when JAX finds none.
+# Fault tolerance (README, "Fault tolerance"): the watchdog is on (--config.watchdog.enabled=False
+# turns it off); a phase past its timeout or a lost peer ends the process with one line and exit 75,
+# and launch/restart.sh restarts it (GHL_RESTARTS times, default 3) from the last complete
+# checkpoint; SIGTERM is forwarded: every process saves the same step and stops, or exits 76 after
+# config.watchdog.sigterm_grace_s; a peer silent for config.watchdog.heartbeat_s ends the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -36,4 +41,4 @@ if [ -z "$gpus" ]; then
 fi
 echo "[gpu] $(hostname): $gpus"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-exec python -m experiments.main "$@"
+exec bash launch/restart.sh --watchdog python -m experiments.main "$@"

@@ -5,6 +5,10 @@
 #       --config=experiments/configs/imagenet_resnet50_ghl.py --workdir=gs://BUCKET/r50_ghl
 # Each worker is one JAX process; jax.distributed discovers the slice from TPU metadata, and each
 # process reads its own slice of the data. The workdir must be shared (a GCS bucket).
+# Fault tolerance (README, "Fault tolerance"): as launch/gpu.sh, the watchdog is on
+# (--config.watchdog.enabled=False turns it off) and each worker's process is restarted on exit 75
+# (GHL_RESTARTS times, default 3), resuming from the last complete checkpoint; on exit 76 (SIGTERM
+# without a save) or any other code the worker stops.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 REPO="${REPO:-https://github.com/ghl-jax/ghl_jax.git}"
@@ -19,6 +23,7 @@ case "$cmd" in
       .venv/bin/pip install -q -e '.[train]' 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
   run)
     args=$(printf ' %q' "$@")
-    ssh_all "cd ghl_jax && GHL_MULTIHOST=1 .venv/bin/python -m experiments.main$args";;
+    ssh_all "cd ghl_jax && GHL_MULTIHOST=1 GHL_RESTARTS=${GHL_RESTARTS:-3} bash launch/restart.sh --watchdog \
+      .venv/bin/python -m experiments.main$args";;
   *) echo "unknown command $cmd: use create, install or run" >&2; exit 2;;
 esac

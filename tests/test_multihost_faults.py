@@ -15,10 +15,13 @@ import sys
 import time
 
 import chex
+import pytest
 
 from ghl_jax.train import plots
+from ghl_jax.train import validate
 from ghl_jax.train.checkpoint import saved_steps
-from ghl_jax.train.watchdog import EXIT_SIGTERM, EXIT_STUCK
+from ghl_jax.train.validate import ConfigError
+from ghl_jax.train.watchdog import EXIT_SIGTERM, EXIT_STUCK, SigtermGuard, Watchdog
 from test_fault_tolerance import flat_overrides, free_port, logged_steps, wait_for
 from test_train import REPO, tiny_config
 
@@ -122,3 +125,81 @@ def test_stuck_killed_and_terminated_peers_end_with_one_line_and_the_run_resumes
   assert resumes_from_last_checkpoint(outputs[0], last), outputs[0][-3000:]
   chex.assert_trees_all_equal(plots.latest_params(workdir), plots.latest_params(reference))
   assert logged_steps(workdir) == list(range(1, STEPS + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces on their own (fast): the watchdog, the SIGTERM guard, the config check, the launcher.
+
+def test_watchdog_names_the_phase_step_and_process_and_scales_the_step_limit():
+  calls = []
+  dog = Watchdog({'step': 0.3, 'step_factor': 4.0}, process_index=2, poll=0.02,
+                 exit=lambda line, code: calls.append((line, code)))
+  try:
+    for step in range(1, 7):                   # steps of ~0.1 s: the limit becomes 4 x 0.1 > 0.3 s
+      dog.enter('step', step)
+      time.sleep(0.1)
+    assert dog.limit('step') > 0.35 and not calls
+    dog.enter('eval', 6)                         # no limit for eval here
+    time.sleep(0.5)
+    assert not calls
+    dog.enter('step', 7)
+    time.sleep(1.0)
+  finally:
+    dog.stop()
+  (line, code), = calls[:1]
+  assert code == EXIT_STUCK and '\n' not in line
+  assert line.startswith('watchdog: process 2 stuck in step at step 7 for more than') and 'step_s' in line
+
+
+def test_sigterm_guard_exits_after_the_grace_period_unless_finished():
+  calls = []
+  old = signal.signal(signal.SIGTERM, lambda *_: None)       # the trainer's Python handler
+  try:
+    guard = SigtermGuard(0.3, process_index=1, describe=lambda: 'in eval at step 9',
+                         exit=lambda line, code: calls.append((line, code)))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)
+    guard.finished()
+    assert calls == [('SIGTERM: process 1 could not stop within 0.3 s (config.watchdog.sigterm_grace_s) in '
+                      'eval at step 9; no checkpoint was written for the current interval; exiting with '
+                      f'code {EXIT_SIGTERM}.', EXIT_SIGTERM)]
+    calls.clear()
+    guard = SigtermGuard(0.5, exit=lambda line, code: calls.append((line, code)))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    guard.finished()                             # the main thread saved and stopped in time
+    time.sleep(0.6)
+    assert not calls
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('step_s', -1.0, 'config.watchdog.step_s must be a number >= 0'),
+    ('sigterm_grace_s', -5.0, 'config.watchdog.sigterm_grace_s must be a number >= 0'),
+    ('heartbeat_s', -1, 'config.watchdog.heartbeat_s must be a number >= 0'),
+])
+def test_bad_watchdog_fields_are_one_line(tiny_tfds, field, value, message):
+  config = tiny_config(*tiny_tfds)
+  with config.unlocked():
+    config.watchdog[field] = value
+  with pytest.raises(ConfigError) as error:
+    validate.validate(config, device_count=8)
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def test_launcher_restarts_on_exit_75_with_bounded_retries_and_turns_the_watchdog_on(tmp_path):
+  script = tmp_path / 'flaky.sh'
+  script.write_text('n=$(cat "$1" 2>/dev/null || echo 0); echo $((n+1)) > "$1"\n'
+                    '[ "$n" -lt "$2" ] && exit 75\nprintf "%s\\n" "$@" > "$1.args"; exit 0\n')
+  restart = os.path.join(REPO, 'launch', 'restart.sh')
+  run = lambda *args, **env: subprocess.run(['bash', restart, *args], env=dict(os.environ, **env),
+                                            capture_output=True, text=True, timeout=60)
+  result = run('--watchdog', 'bash', str(script), str(tmp_path / 'a'), '2', '--config=x.py', '--workdir=w')
+  assert result.returncode == 0 and (tmp_path / 'a').read_text().strip() == '3', result.stderr
+  assert result.stderr.count('[restart]') == 2
+  assert (tmp_path / 'a.args').read_text().split()[2:4] == ['--config=x.py', '--config.watchdog.enabled=True']
+  result = run('bash', str(script), str(tmp_path / 'b'), '9', GHL_RESTARTS='1')
+  assert result.returncode == EXIT_STUCK and (tmp_path / 'b').read_text().strip() == '2'
+  result = run('bash', '-c', 'exit 3')
+  assert result.returncode == 3 and '[restart]' not in result.stderr
