@@ -22,6 +22,7 @@ from typing import Callable
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 

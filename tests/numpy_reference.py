@@ -189,6 +189,15 @@ RULES = {
 }
 
 
+def dense_softmax_oja(x, u, w, t_inv):
+  """GHL's raw term of a dense layer: x (sites, C), u (sites, F), w (C, F), float64."""
+  x, u, w = (np.asarray(a, np.float64) for a in (x, u, w))
+  z = t_inv * u
+  y = np.exp(z - z.max(-1, keepdims=True))
+  y /= y.sum(-1, keepdims=True)
+  return y.T.dot(x).T - (y * u).sum(0) * w
+
+
 def max_normalize(h):
   """``Ĥ = H / max|H|``."""
   return h / np.abs(h).max()

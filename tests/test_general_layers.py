@@ -14,17 +14,13 @@ import optax
 import pytest
 
 import ghl_jax
+import numpy_reference as ref
 
 T_INV = 0.6
 
 
 def np_softmax_oja(x, u, w, t_inv=T_INV):
-  """GHL's raw term of a dense layer: x (sites, C), u (sites, F), w (C, F)."""
-  x, u, w = (np.asarray(a, np.float64) for a in (x, u, w))
-  z = t_inv * u
-  y = np.exp(z - z.max(-1, keepdims=True))
-  y /= y.sum(-1, keepdims=True)
-  return y.T.dot(x).T - (y * u).sum(0) * w
+  return ref.dense_softmax_oja(x, u, w, t_inv)
 
 
 class Wrapped(nn.Module):

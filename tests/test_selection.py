@@ -23,12 +23,7 @@ T_INV = 0.6
 
 
 def np_softmax_oja(x, u, w, t_inv=T_INV):
-  """GHL's raw term of a dense layer: x (sites, C), u (sites, F), w (C, F), float64."""
-  x, u, w = (np.asarray(a, np.float64) for a in (x, u, w))
-  z = t_inv * u
-  y = np.exp(z - z.max(-1, keepdims=True))
-  y /= y.sum(-1, keepdims=True)
-  return y.T.dot(x).T - (y * u).sum(0) * w
+  return ref.dense_softmax_oja(x, u, w, t_inv)
 
 
 def np_update(grad, h, lr=0.1):
@@ -357,3 +352,30 @@ def test_selection_table_shows_every_kernel(convnet):
   assert rows == {'stem/kernel': 'softmax_oja t_inv=0.5',
                   'classifier/kernel': 'not governed: not a convolution (the default governs nn.Conv kernels)'}
   assert selection.table().splitlines()[0].split() == ['kernel', 'layer', 'GHL']
+
+
+class NnxTwiceHead(nnx.Module):
+  def __init__(self, rngs):
+    self.body = nnx.Linear(4, 6, rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.body(x))
+    return self.head(h.mean(axis=1)), self.head(h)             # the second output is not in the loss
+
+
+def test_nnx_layer_called_twice_sums_both_calls():
+  model = NnxTwiceHead(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+  labels = jnp.array([0, 2])
+  rule = ghl_jax.Rule('softmax_oja', t_inv=T_INV, layers='head')
+
+  def loss(m):
+    logits, per_token = m(x)
+    return _xent(logits, labels), per_token
+  (_, _), _, hebb = ghl_jax.nnx.value_and_grad(loss, rule, has_aux=True)(model)
+  h = np.maximum(np.einsum('btc,cf->btf', x, model.body.kernel[...]) + model.body.bias[...], 0)
+  w = np.asarray(model.head.kernel[...])
+  calls = [(h.mean(axis=1), h.mean(axis=1) @ w), (h.reshape(-1, 6), h.reshape(-1, 6) @ w)]
+  expected = sum(np_softmax_oja(a, u + np.asarray(model.head.bias[...]), w) for a, u in calls)
+  np.testing.assert_allclose(hebb['head/kernel'].term, expected, rtol=1e-4, atol=1e-6)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-import jax
 import optax
 
+from ghl_jax import accel
 from ghl_jax import hebbian as hebbian_lib
 from ghl_jax import optim
 from ghl_jax import selection as selection_lib
@@ -125,7 +125,8 @@ def phases(config, model, sample, total: int, first: int) -> tuple[optax.Gradien
   """``(tx, [Phase, ...], selection)`` of ``config.method`` over ``total`` steps (``first`` of them
   unsupervised for method 'hebbian'); ``selection``: what the rule governs, decided here once (the
   BP baseline trains the same kernels as its paper-recipe group)."""
-  impl, accum, log_every = config.get('conv_impl', 'auto'), config.grad_accum_steps, config.log_every_steps
+  impl = accel.resolve(config.get('conv_impl', 'auto'))      # resolved once for every step of the run
+  accum, log_every = config.grad_accum_steps, config.log_every_steps
   section = 'hebbian' if config.method == 'hebbian' else 'ghl'
   selection = selection_of(model, sample, validate.rule_of(config, section), section)
   rule = selection.rule.replace(layers=selection.rule_paths)

@@ -106,8 +106,12 @@ class Importer:
   with_id: bool = False  # the tfds cifar builders also store an 'id' text feature
 
 
+# The CIFAR-10 npz copy in the shared folder beside the repository (shared/data/cifar10).
+SHARED_CIFAR10 = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', '..', '..', '..',
+                                               'shared', 'data', 'cifar10'))
+
 IMPORTERS = {
-    'cifar10': Importer(read_cifar10_npz, '/work/shared/data/cifar10', CIFAR10_CLASSES, with_id=True),
+    'cifar10': Importer(read_cifar10_npz, SHARED_CIFAR10, CIFAR10_CLASSES, with_id=True),
     'fashion_mnist': Importer(read_mnist_idx, '/usr/share/datasets/fashion-mnist'),
     'mnist': Importer(read_mnist_idx),
 }
