@@ -277,6 +277,16 @@ class FusedHebbianTest(chex.TestCase):
     self.assertEqual(sorted(terms), ['a/kernel', 'b/kernel'])
 
 
+def test_compute_dtype_auto_follows_the_cpu_flags(tmp_path):
+  with_bf16, without = tmp_path / 'bf16', tmp_path / 'plain'
+  with_bf16.write_text('flags\t\t: fpu avx512f avx512_bf16 sse\n')
+  without.write_text('flags\t\t: fpu avx512f sse\n')
+  assert accel.cpu_has_bf16(str(with_bf16)) and not accel.cpu_has_bf16(str(without))
+  assert not accel.cpu_has_bf16(str(tmp_path / 'missing'))
+  assert accel.compute_dtype('float32') == 'float32' and accel.compute_dtype('bfloat16') == 'bfloat16'
+  assert accel.compute_dtype('auto') == ('bfloat16' if accel.cpu_has_bf16() else 'float32')   # CPU backend
+
+
 def test_resolve():
   assert accel.resolve('auto') == 'gemm'          # tests run on CPU
   assert accel.resolve('xla') == 'xla'

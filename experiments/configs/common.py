@@ -93,7 +93,7 @@ def base() -> ml_collections.ConfigDict:
   c.num_train_steps = -1                 # -1: num_epochs epochs; > 0 overrides num_epochs
   c.steps_per_epoch = -1                 # -1: from the dataset size; > 0 overrides it (tests, mock data)
   c.grad_accum_steps = 1
-  c.compute_dtype = 'float32'            # or 'bfloat16'; params and Hebbian terms stay float32
+  c.compute_dtype = 'float32'            # or 'bfloat16', or 'auto' (accel.compute_dtype); params, Hebbian terms stay f32
   c.conv_impl = 'auto'                   # 'xla' | 'gemm' (conv backward as GEMMs); 'auto': gemm on CPU
   c.optimizer = ml_collections.ConfigDict({
       'name': 'paper_sgd', 'lr': 5e-3, 'lr_conv': 1e-2, 'wd_conv': 5e-2,

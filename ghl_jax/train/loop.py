@@ -74,7 +74,11 @@ def enable_compilation_cache(path: str | None) -> None:
 def build_model(config, num_classes: int):
   kwargs = dict(config.model.kwargs)
   kwargs.setdefault('num_classes', num_classes)
-  kwargs['dtype'] = jnp.dtype(config.compute_dtype)
+  dtype = accel.compute_dtype(config.compute_dtype)
+  if config.compute_dtype == 'auto':
+    print(f'compute_dtype auto: {dtype} ({jax.default_backend()}'
+          f'{", bf16 instructions" if accel.cpu_has_bf16() else ""})', flush=True)
+  kwargs['dtype'] = jnp.dtype(dtype)
   try:
     return models.build(config.model.name, **kwargs)
   except TypeError as error:

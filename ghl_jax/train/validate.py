@@ -10,7 +10,7 @@ from ghl_jax.rule import Rule
 
 METHODS = ('ghl', 'bp', 'hebbian')
 OPTIMIZERS = ('paper_sgd', 'momentum_sgd', 'adam')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'auto')
 
 UNSET = -1   # the one 'not set' value of a step count (what it means is in STEP_FIELDS)
 
