@@ -300,7 +300,7 @@ def _bands(ax, rows: list, series, several: bool) -> int:
 
 
 ALIGNMENT = (('cos_update', 'cos(−update, G)'), ('cos_magnitude', 'cos(|Ĥ|, |G|)'),
-             ('near_zero', 'share of weights with |Ĥ| < 1e-3'), ('top_overlap', 'top-10 % |G| ∩ top-10 % |Ĥ|'))
+             ('near_zero', 'share |Ĥ| < 1e-3'), ('top_overlap', 'top-10 % overlap |G|, |Ĥ|'))
 
 
 def alignment_layers(rows: list) -> list:
@@ -359,7 +359,9 @@ def plot(rows: list, out: str) -> str:
     top1, loss = fig.subplots(1, 2)
   several = len({(r.model, r.dataset) for r in rows}) > 1
   if not _bands(top1, rows, curve, several):
-    raise ReportError('no run has a test evaluation to plot: leave out --plot or wait for an eval.')
+    if not aligned:
+      raise ReportError('no run has a test evaluation to plot: leave out --plot or wait for an eval.')
+    top1.text(0.5, 0.5, 'no evaluation yet', ha='center', va='center', transform=top1.transAxes)
   _bands(loss, rows, loss_curve, several)
   top1.set(xlabel='step', ylabel='test top-1 (%)', title='Test top-1 (mean ± std over seeds)')
   loss.set(xlabel='step', ylabel='training loss (logged batches)', title='Training loss (mean ± std over seeds)')
