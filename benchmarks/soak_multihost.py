@@ -72,7 +72,7 @@ def command(data_dir: str, name: str, workdir: str, args) -> list[str]:
 
 
 def dump_stacks(pids, path: str) -> None:
-  """Python and native stacks of ``pids`` into ``path`` (py-spy; a note if it is missing)."""
+  """Python, then Python and native, stacks of ``pids`` into ``path`` (py-spy; a note if it is missing)."""
   spy = shutil.which('py-spy') or os.path.join(os.path.dirname(sys.executable), 'py-spy')
   with open(path, 'w') as out:
     for pid in pids:
@@ -81,8 +81,10 @@ def dump_stacks(pids, path: str) -> None:
       if not os.path.exists(spy):
         out.write('py-spy is not installed (pip install py-spy)\n')
         continue
-      subprocess.run([spy, 'dump', '--native', '--pid', str(pid)], stdout=out, stderr=subprocess.STDOUT,
-                     timeout=120, check=False)
+      for native in ([], ['--native']):        # --native can fail to merge frames: Python stacks first
+        out.flush()
+        subprocess.run([spy, 'dump', *native, '--pid', str(pid)], stdout=out, stderr=subprocess.STDOUT,
+                       timeout=120, check=False)
 
 
 def one_run(index: int, data_dir: str, name: str, root: str, args) -> dict:

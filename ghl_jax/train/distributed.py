@@ -16,8 +16,9 @@ def initialize(config=None) -> None:
   nothing happens. CPU runs use gloo collectives.
 
   ``config.watchdog.heartbeat_s`` / ``shutdown_s`` (when ``config`` is given) go to the distributed
-  runtime: a peer silent for ``heartbeat_s`` is declared dead and every other process ends (one line
-  from the runtime, a non-zero exit); an exiting process waits at most ``shutdown_s`` for the others.
+  runtime: a peer silent for ``heartbeat_s`` is declared dead and the runtime ends every other process
+  (its own message and an abort; where a collective fails first, the trainer's one line and exit code
+  75); an exiting process waits at most ``shutdown_s`` for the others.
   """
   env = os.environ
   if not any(env.get(key) for key in _MULTI_HOST_HINTS):
