@@ -128,6 +128,12 @@ class Rule:
       t_inv = 1.0                           # v1: a shared t_inv is ignored by rules without one
     return cls(rule, t_inv=t_inv, layers=layers, **dict(rule_kwargs or {}))
 
+  def same_terms(self, other: 'Rule') -> bool:
+    """Whether ``other`` gives every kernel the same term: all settings equal but ``layers`` (which
+    kernels are governed is the selection's business, checked where the terms meet the updates)."""
+    return (self.name, self.t_inv, self.hyper, self.per_head) == (other.name, other.t_inv, other.hyper,
+                                                                  other.per_head)
+
   def replace(self, **changes) -> 'Rule':
     """A copy with some settings changed (``name``, ``t_inv``, ``layers`` or rule settings)."""
     name = changes.pop('name', self.name)

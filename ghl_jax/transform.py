@@ -119,7 +119,7 @@ def _check_terms(hebb: Mapping, rule: Optional[Rule]) -> None:
     if not isinstance(term, Hebbian):
       raise ValueError(f'ghl: hebb[{path!r}] is a {type(term).__name__}, not a ghl_jax.Hebbian; pass the hebb '
                        'that ghl_jax.value_and_grad or hebbian_terms returns.')
-    if rule is not None and term.rule is not None and term.rule != rule:
+    if rule is not None and term.rule is not None and not term.rule.same_terms(rule):
       raise ValueError(f'ghl(rule={rule!r}) differs from the Rule the terms were made with ({term.rule!r}); '
                        'give the Rule once, to value_and_grad, and use ghl() without one.')
 
