@@ -20,7 +20,8 @@ exit 3
 def run_launcher(tmp_path, **env):
   root = tmp_path / 'repo'
   (root / 'launch').mkdir(parents=True)
-  shutil.copy(os.path.join(REPO, 'launch', 'gpu.sh'), root / 'launch' / 'gpu.sh')
+  for name in ('gpu.sh', 'restart.sh'):                 # gpu.sh runs main through restart.sh
+    shutil.copy(os.path.join(REPO, 'launch', name), root / 'launch' / name)
   bin_dir = root / '.venv' / 'bin'
   bin_dir.mkdir(parents=True)
   (bin_dir / 'python').write_text(FAKE_PYTHON)
