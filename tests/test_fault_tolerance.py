@@ -226,7 +226,7 @@ HOSTILE = [
     ({'grad_accum_steps': 4}, 'micro-batch'),
     ({'ghl.t_inv.conv1': 0.0}, 't_inv values must be > 0'),
     ({'ghl.t_inv.conv2': -0.5}, 't_inv values must be > 0'),
-    ({'ghl.layers': 'no_such_layer'}, 'selects no tapped kernel'),
+    ({'ghl.layers': 'no_such_layer'}, 'selects no kernel'),
     ({'ghl.direction': 'up'}, 'direction must be one of'),
     ({'ghl.magnitude': 'huge'}, 'magnitude must be one of'),
     ({'ghl.per_head': 'yes'}, 'per_head must be True or False'),
