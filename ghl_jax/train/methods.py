@@ -124,7 +124,7 @@ def hebbian_optimizer(config, total: int, rule: Rule, first: int) -> tuple:
 def phases(config, model, sample, total: int, first: int) -> tuple[optax.GradientTransformation, list, selection_lib.Selection]:
   """``(tx, [Phase, ...], selection)`` of ``config.method`` over ``total`` steps (``first`` of them
   unsupervised for method 'hebbian'); ``selection``: what the rule governs, decided here once (the
-  BP baseline trains the same kernels as its paper-recipe group)."""
+  BP baseline trains the same kernels as its paper-recipe group, and gets ``None``: GHL governs nothing)."""
   impl = accel.resolve(config.get('conv_impl', 'auto'))      # resolved once for every step of the run
   accum, log_every = config.grad_accum_steps, config.log_every_steps
   section = 'hebbian' if config.method == 'hebbian' else 'ghl'
@@ -141,4 +141,5 @@ def phases(config, model, sample, total: int, first: int) -> tuple[optax.Gradien
   tx, lr_fns = supervised_optimizer(config, total, use, selection.paths)
   step = steps_lib.make_train_step(model, tx, rule=use, accum_steps=accum, lr_fns=lr_fns, conv_impl=impl,
                                    log_every=log_every)
-  return tx, [Phase(config.method, step, config.batch_size, 0, total)], selection
+  # The BP baseline trains the same two groups by backprop: no GHL table in its summary.
+  return tx, [Phase(config.method, step, config.batch_size, 0, total)], selection if use is not None else None
