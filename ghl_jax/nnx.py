@@ -71,10 +71,12 @@ def _hooked(hook: Callable):
       cls.__call__ = call
 
 
-def selected_layers(model, rule: Rule) -> dict:
-  """``{kernel path: layer module}`` of the NNX layers ``rule`` governs in ``model``."""
+def selected_layers(model, rule_or_selection) -> dict:
+  """``{kernel path: layer module}`` of the NNX layers a Rule (or its :class:`Selection`) governs."""
+  selection = (rule_or_selection if isinstance(rule_or_selection, selection_lib.Selection)
+               else selection_lib.of_nnx(rule_or_selection, model))
   modules = {m: module for m, (_, module) in selection_lib.nnx_layers(model).items()}
-  return {g.path: modules[g.rule_path.rsplit('/', 1)[0]] for g in selection_lib.of_nnx(rule, model).governed}
+  return {g.path: modules[g.rule_path.rsplit('/', 1)[0]] for g in selection.governed}
 
 
 def _layer_call(gemm: bool) -> Callable:
@@ -132,7 +134,7 @@ def value_and_grad(fun: Callable, rule: Optional[Rule] = None, *, has_aux: bool 
         value, grads = nnx.value_and_grad(fun, has_aux=has_aux)(model, *args, **kwargs)
       return value, grads, {}
     selection = selection_lib.of_nnx(rule, model)
-    chosen = selected_layers(model, rule)
+    chosen = selected_layers(model, selection)
     wrt = nnx.DiffState(0, nnx.Any(nnx.Param, HebbianProbe))
     with _probes(chosen, selection), _hooked(_layer_call(gemm)):
       value, both = nnx.value_and_grad(anchored, argnums=wrt, has_aux=has_aux)(model, *args, **kwargs)

@@ -122,7 +122,7 @@ def select(rule: Rule, layers: Mapping[str, Union[Layer, Unsupported]],
   ``kernels`` maps module paths to ``(path in the differentiated tree, kernel ndim)``; without it
   the path is the rule path and nothing is stacked. Raises ``ValueError`` (one line) where the
   rule governs nothing or a ``layers=`` path or ``t_inv`` key matches no governed kernel."""
-  governed, left_out, candidates = [], [], []
+  governed, left_out, candidates, unreadable = [], [], [], []
   for module, layer in layers.items():
     rule_path = f'{module}/{KERNEL}' if module else KERNEL
     if isinstance(layer, Unsupported):
@@ -130,9 +130,11 @@ def select(rule: Rule, layers: Mapping[str, Union[Layer, Unsupported]],
         raise ValueError(f'Rule layers={rule.layers!r} selects {rule_path}, the kernel of an '
                          f'{layer.type_name}, which GHL cannot read ({layer.reason}); leave it out of layers=.')
       left_out.append(LeftOut(rule_path, layer.type_name, f'GHL cannot read it ({layer.reason})'))
+      unreadable.append(f'{rule_path} ({layer.type_name})')
       continue
-    if kernels is not None and module not in kernels:
-      continue                                  # a layer whose kernel is not in the differentiated tree
+    if kernels is not None and module not in kernels:   # shown in the table, never skipped unseen
+      left_out.append(LeftOut(rule_path, layer.module_type.__name__, 'its kernel is not in the differentiated tree'))
+      continue
     candidates.append(rule_path)
     path, ndim = kernels[module] if kernels is not None else (rule_path, layer.kernel_ndim)
     if rule.selects(rule_path, layer.is_conv):
@@ -144,8 +146,8 @@ def select(rule: Rule, layers: Mapping[str, Union[Layer, Unsupported]],
       left_out.append(LeftOut(rule_path, layer.module_type.__name__, why))
   selection = Selection(rule, tuple(governed), tuple(left_out))
   _check(selection, candidates, where)
-  if any('cannot read' in o.reason for o in left_out):
-    _log_unreadable(tuple(f'{o.path} ({o.type_name})' for o in left_out if 'cannot read' in o.reason))
+  if unreadable:
+    _log_unreadable(tuple(unreadable))
   return selection
 
 

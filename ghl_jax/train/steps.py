@@ -57,14 +57,12 @@ def _l2(tree) -> jax.Array:
 def hebbian_stats(hebb: dict, grads: Any, updates: Any = None) -> dict:
   """Per governed layer: max|H|, the fraction of weights where sign(−H) agrees with sign(G), and the
   gradient alignment of :mod:`ghl_jax.diagnostics` (``align/<layer>/<measure>``)."""
-  flat = trees.flat(grads)
   stats = {}
-  for path, h in hebb.items():
-    name = path.rsplit('/', 1)[0]
-    stats[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(h.term))
-    stats[f'hebb/{name}/sign_agreement'] = jnp.mean(jnp.sign(-h.term) == jnp.sign(flat[path]))
-  for name, measures in diagnostics.alignment(hebb, grads, updates).items():
-    stats.update({f'align/{name}/{key}': value for key, value in measures.items() if key != 'sign_agreement'})
+  aligned = diagnostics.alignment(hebb, grads, updates)          # {module path: measures}, in hebb's order
+  for (name, measures), term in zip(aligned.items(), hebb.values()):
+    stats[f'hebb/{name}/max_abs'] = jnp.max(jnp.abs(term.term))
+    stats[f'hebb/{name}/sign_agreement'] = measures.pop('sign_agreement')
+    stats.update({f'align/{name}/{key}': value for key, value in measures.items()})
   return stats
 
 
