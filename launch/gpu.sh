@@ -10,7 +10,8 @@
 # turns it off); a phase past its timeout or a lost peer ends the process with one line and exit 75,
 # and launch/restart.sh restarts it (GHL_RESTARTS times, default 3) from the last complete
 # checkpoint; SIGTERM is forwarded: every process saves the same step and stops, or exits 76 after
-# config.watchdog.sigterm_grace_s; a peer silent for config.watchdog.heartbeat_s ends the others.
+# config.watchdog.sigterm_grace_s; a peer silent for config.watchdog.heartbeat_s ends the others
+# (JAX's abort, exit 134, which launch/restart.sh also restarts in a multi-process run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

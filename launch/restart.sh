@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs a command and restarts it when it ends with exit code 75, ghl_jax's "stuck, restart me"
-# (the watchdog saw a phase outlast its timeout, or a peer process is gone): at most GHL_RESTARTS
-# times (default 3); the run resumes from its last complete checkpoint. Any other exit code, and
-# every exit after SIGTERM/SIGINT (forwarded to the command), ends this script with that code.
+# (the watchdog saw a phase outlast its timeout, or a peer process is gone), or, in a multi-process
+# run (JAX_NUM_PROCESSES > 1, GHL_MULTIHOST=1 or SLURM_NTASKS > 1), with 134 (SIGABRT): JAX's
+# distributed runtime aborts a process whose peer or coordinator is gone, after its own message.
+# At most GHL_RESTARTS times (default 3); the run resumes from its last complete checkpoint. Any
+# other exit code, and every exit after SIGTERM/SIGINT (forwarded to the command), ends this script
+# with that code.
 #   bash launch/restart.sh [--watchdog] python -m experiments.main --config=... --workdir=...
 # --watchdog turns ghl_jax's watchdog on: --config.watchdog.enabled=True right after --config, so
 # that a later --config.watchdog.* on the command line (e.g. enabled=False) still wins.
@@ -22,6 +25,10 @@ if [ "${1:-}" = "--watchdog" ]; then
   set -- "${command[@]}"
 fi
 restarts="${GHL_RESTARTS:-3}"
+multiprocess=0
+if [ "${JAX_NUM_PROCESSES:-1}" -gt 1 ] || [ "${GHL_MULTIHOST:-0}" = 1 ] || [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+  multiprocess=1
+fi
 attempt=0
 child=0
 stopping=0
@@ -41,10 +48,16 @@ while true; do
     code=$?
   done
   child=0
-  if [ "$code" -ne 75 ] || [ "$stopping" -eq 1 ] || [ "$attempt" -ge "$restarts" ]; then
+  case "$code" in
+    75) why="stuck phase or lost peer";;
+    134) why="the distributed runtime ended this process: a peer or the coordinator is gone";;
+    *) why="";;
+  esac
+  if [ "$code" -eq 134 ] && [ "$multiprocess" -eq 0 ]; then why=""; fi
+  if [ -z "$why" ] || [ "$stopping" -eq 1 ] || [ "$attempt" -ge "$restarts" ]; then
     exit "$code"
   fi
   attempt=$((attempt + 1))
-  echo "[restart] $(hostname): exit 75 (stuck phase or lost peer); restart $attempt of $restarts," \
+  echo "[restart] $(hostname): exit $code ($why); restart $attempt of $restarts," \
        "resuming from the last complete checkpoint" >&2
 done

@@ -7,7 +7,7 @@
 # process reads its own slice of the data. The workdir must be shared (a GCS bucket).
 # Fault tolerance (README, "Fault tolerance"): as launch/gpu.sh, the watchdog is on
 # (--config.watchdog.enabled=False turns it off) and each worker's process is restarted on exit 75
-# (GHL_RESTARTS times, default 3), resuming from the last complete checkpoint; on exit 76 (SIGTERM
+# (or 134, JAX's abort when a peer or the coordinator is gone; GHL_RESTARTS times, default 3), resuming from the last complete checkpoint; on exit 76 (SIGTERM
 # without a save) or any other code the worker stops.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"

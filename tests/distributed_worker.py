@@ -6,7 +6,9 @@ WORKDIR may list several workdirs joined by ``os.pathsep``: they are trained one
 by the same processes (one start-up for several runs).
 
 ``GHL_TEST_FAULT=PROCESS:stop|kill:STEP`` makes process PROCESS stop itself (SIGSTOP) or die (SIGKILL)
-just before it trains step STEP of the last workdir: a deterministic stuck or dead peer.
+just before it trains step STEP of the last workdir: a deterministic stuck or dead peer. That process
+runs with its watchdog off, so that only the waiting process's limits are under test (on a loaded
+machine the faulty process could otherwise end itself first, waiting on a slow save of its peer).
 """
 import json
 import os
@@ -39,11 +41,14 @@ def main(process_id, num_processes, port, workdir, config_json):
   from ghl_jax.train import distributed; from ghl_jax import train  # pylint: disable=import-outside-toplevel
   config = common.base()
   config.update_from_flattened_dict(json.loads(config_json))
+  fault = os.environ.get('GHL_TEST_FAULT', '')
+  if fault.split(':')[0] == str(process_id):
+    config.watchdog.enabled = False
   distributed.initialize(config)
   workdirs = workdir.split(os.pathsep)
   for one in workdirs:
-    if one == workdirs[-1] and os.environ.get('GHL_TEST_FAULT'):
-      inject_fault(os.environ['GHL_TEST_FAULT'], int(process_id))
+    if one == workdirs[-1] and fault:
+      inject_fault(fault, int(process_id))
     metrics = train.train_and_evaluate(config, one)
     print('FINAL ' + json.dumps(metrics), flush=True)
 

@@ -26,7 +26,7 @@ from test_fault_tolerance import flat_overrides, free_port, logged_steps, wait_f
 from test_train import REPO, tiny_config
 
 STEPS = 16
-STEP_S = 8.0          # the watchdog's step limit in these tests
+STEP_S = 20.0         # the watchdog's step limit in these tests (a loaded machine's save is well under it)
 GRACE_S = 5.0         # the SIGTERM grace period
 HEARTBEAT_S = 20      # the distributed runtime's heartbeat timeout
 RUNTIME_DEAD_PEER = 'Terminating process because the JAX distributed service detected fatal errors'
@@ -58,7 +58,8 @@ def stopped(process) -> bool:
 
 def interrupted(workers, act=None):
   """Waits for process 1 to stop or die, calls ``act(workers)``, and returns process 0's exit code,
-  its last line and the seconds from process 1's stop (or death) to process 0's exit."""
+  its last line, the seconds from process 1's stop (or death) to process 0's exit, and both outputs
+  (process 1's: what it printed before it stopped or died, for the failure messages)."""
   try:
     assert wait_for(lambda: workers[1].poll() is not None or stopped(workers[1]), workers[0], poll=0.05), \
         workers[0].communicate()[0][-3000:]
@@ -67,12 +68,19 @@ def interrupted(workers, act=None):
       act(workers)
     out = workers[0].communicate(timeout=120)[0]
     lines = [line for line in out.strip().splitlines() if not line.startswith('[Gloo]')]
-    return workers[0].returncode, (lines or [''])[-1], time.time() - began, out
+    return workers[0].returncode, (lines or [''])[-1], time.time() - began, out + '\n' + ended(workers[1])
   finally:
     for w in workers:
       if w.poll() is None:
         w.kill()
       w.communicate()
+
+
+def ended(process) -> str:
+  """How process 1 ended: stopped by its fault, or exited on its own (then its code and output)."""
+  if process.poll() is None:
+    return '[process 1 stopped by its fault]'
+  return f'[process 1 exited with code {process.returncode} before process 0]\n' + process.communicate(timeout=30)[0][-2000:]
 
 
 def resumes_from_last_checkpoint(output: str, last: int) -> bool:
@@ -94,8 +102,10 @@ def test_stuck_killed_and_terminated_peers_end_with_one_line_and_the_run_resumes
   unwatched = config_for(tiny_tfds)                           # the watchdog off: only SIGTERM's grace
 
   code, line, seconds, out = interrupted(start_pair(watched, [reference, workdir], fault='1:stop:6'))
+  assert out.endswith('[process 1 stopped by its fault]'), out[-4000:]
   assert code == EXIT_STUCK, out[-3000:]
-  assert line.startswith('watchdog: process 0 stuck in step at step ') and 'config.watchdog.step_s' in line, line
+  assert line.startswith('watchdog: process 0 stuck in step at step ') and 'config.watchdog.step_s' in line, \
+      out[-4000:]
   assert seconds < STEP_S + 10, seconds
   assert logged_steps(reference) == list(range(1, STEPS + 1))
 
@@ -192,7 +202,7 @@ def test_bad_watchdog_fields_are_one_line(tiny_tfds, field, value, message):
   assert message in str(error.value) and '\n' not in str(error.value)
 
 
-def test_launcher_restarts_on_exit_75_with_bounded_retries_and_turns_the_watchdog_on(tmp_path):
+def test_launcher_restarts_on_exit_75_and_multiprocess_aborts_with_bounded_retries_and_turns_the_watchdog_on(tmp_path):
   script = tmp_path / 'flaky.sh'
   script.write_text('n=$(cat "$1" 2>/dev/null || echo 0); echo $((n+1)) > "$1"\n'
                     '[ "$n" -lt "$2" ] && exit 75\nprintf "%s\\n" "$@" > "$1.args"; exit 0\n')
@@ -207,3 +217,9 @@ def test_launcher_restarts_on_exit_75_with_bounded_retries_and_turns_the_watchdo
   assert result.returncode == EXIT_STUCK and (tmp_path / 'b').read_text().strip() == '2'
   result = run('bash', '-c', 'exit 3')
   assert result.returncode == 3 and '[restart]' not in result.stderr
+  aborts = 'echo x >> "$0"; [ $(wc -l < "$0") -lt 3 ] && kill -ABRT $$; exit 0'
+  result = run('bash', '-c', aborts, str(tmp_path / 'c'), JAX_NUM_PROCESSES='2')    # the runtime's abort
+  assert result.returncode == 0 and result.stderr.count('exit 134 (the distributed runtime ended') == 2, \
+      result.stderr
+  result = run('bash', '-c', aborts, str(tmp_path / 'd'), JAX_NUM_PROCESSES='1')    # one process: a crash
+  assert result.returncode == 134 and '[restart]' not in result.stderr
