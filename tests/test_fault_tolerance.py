@@ -16,6 +16,7 @@ import chex
 import numpy as np
 import pytest
 
+from experiments.configs import common
 from ghl_jax.train import data as data_lib
 from ghl_jax.train import metrics as metrics_lib
 from ghl_jax.train import plots
@@ -210,22 +211,22 @@ HOSTILE = [
     ({'optimizer.name': 'lion'}, 'Unknown optimizer'),
     ({'method': 'magic'}, 'Unknown method'),
     ({'ghl.rule': 'bcm'}, 'Unknown Hebbian rule'),
-    ({'optimizer.lr': 0.0}, 'optimizer.lr must be > 0'),
-    ({'optimizer.lr': -0.1}, 'optimizer.lr must be > 0'),
-    ({'optimizer.lr_conv': 0.0}, 'optimizer.lr_conv must be > 0'),
-    ({'optimizer.wd_conv': -1e-3}, 'wd_conv must be >= 0'),
-    ({'batch_size': 0}, 'batch_size must be > 0'),
-    ({'batch_size': -16}, 'batch_size must be > 0'),
+    ({'optimizer.lr': 0.0}, 'config.optimizer.lr must be a number > 0; got 0.0'),
+    ({'optimizer.lr': -0.1}, 'config.optimizer.lr must be a number > 0'),
+    ({'optimizer.lr_conv': 0.0}, 'config.optimizer.lr_conv must be a number > 0'),
+    ({'optimizer.wd_conv': -1e-3}, 'config.optimizer.wd_conv must be a number >= 0'),
+    ({'batch_size': 0}, 'config.batch_size must be an integer >= 1'),
+    ({'batch_size': -16}, 'config.batch_size must be an integer >= 1'),
     ({'batch_size': 12}, 'not divisible by the 8 devices'),
     ({'eval_batch_size': 4}, 'eval_batch_size=4 is not divisible'),
     ({'batch_size': 128}, 'exceeds the 96 training examples'),
     ({'num_train_steps': 0}, 'Nothing to train'),
     ({'num_train_steps': -1, 'num_epochs': 0}, 'Nothing to train'),
-    ({'grad_accum_steps': 0}, 'grad_accum_steps must be > 0'),
+    ({'grad_accum_steps': 0}, 'config.grad_accum_steps must be an integer >= 1'),
     ({'grad_accum_steps': 3}, 'equal micro-batches'),
     ({'grad_accum_steps': 4}, 'micro-batch'),
-    ({'ghl.t_inv.conv1': 0.0}, 't_inv values must be > 0'),
-    ({'ghl.t_inv.conv2': -0.5}, 't_inv values must be > 0'),
+    ({'ghl.t_inv.conv1': 0.0}, 'config.ghl.t_inv must be a number > 0'),
+    ({'ghl.t_inv.conv2': -0.5}, 'config.ghl.t_inv must be a number > 0'),
     ({'ghl.layers': 'no_such_layer'}, 'selects no kernel'),
     ({'ghl.direction': 'up'}, 'direction must be one of'),
     ({'ghl.magnitude': 'huge'}, 'magnitude must be one of'),
@@ -247,6 +248,38 @@ HOSTILE = [
     ({'checkpoint_every_steps': -500}, 'config.checkpoint_every_steps must be an integer >= 1;'),
     ({'hebbian.num_steps': -2}, 'config.hebbian.num_steps must be an integer >= 0, or -1 to train config.hebbian.epochs'),
     ({'hebbian.num_steps': 2.5}, 'config.hebbian.num_steps must be an integer >= 0'),
+    # Every other numeric field of common.base() (test_every_numeric_field_of_base_is_checked).
+    ({'seed': -1}, 'config.seed must be an integer >= 0'),
+    ({'eval_batch_size': 0}, 'config.eval_batch_size must be an integer >= 1'),
+    ({'num_epochs': -2}, 'config.num_epochs must be a number > 0'),
+    ({'keep_checkpoints': 0}, 'config.keep_checkpoints must be an integer >= 1'),
+    ({'data.image_size': -32}, "config.data.image_size must be an integer >= 1, or None to keep the dataset's"),
+    ({'data.image_size': 0}, 'config.data.image_size must be an integer >= 1'),
+    ({'data.shuffle_buffer': 0}, 'config.data.shuffle_buffer must be an integer >= 1'),
+    ({'optimizer.momentum': 1.0}, 'config.optimizer.momentum must be a number >= 0 and < 1'),
+    ({'optimizer.momentum': -0.9}, 'config.optimizer.momentum must be a number >= 0 and < 1'),
+    ({'optimizer.weight_decay': -5e-4}, 'config.optimizer.weight_decay must be a number >= 0'),
+    ({'optimizer.warmup_steps': -10}, 'config.optimizer.warmup_steps must be an integer >= 0 (0: no warm-up)'),
+    ({'hebbian.t_inv': 0.0}, 'config.hebbian.t_inv must be a number > 0'),
+    ({'hebbian.lr': -0.01}, 'config.hebbian.lr must be a number > 0'),
+    ({'hebbian.norm_power': -1.0}, 'config.hebbian.norm_power must be a number >= 0, or None to keep the rate'),
+    ({'hebbian.epochs': 0.0}, 'config.hebbian.epochs must be a number > 0'),
+    ({'hebbian.batch_size': 0}, 'config.hebbian.batch_size must be an integer >= 1'),
+    ({'watchdog.startup_s': -1.0}, 'config.watchdog.startup_s must be a number >= 0 (0: no limit)'),
+    ({'watchdog.restore_s': -1.0}, 'config.watchdog.restore_s must be a number >= 0 (0: no limit)'),
+    ({'watchdog.step_s': -1.0}, 'config.watchdog.step_s must be a number >= 0 (0: no limit)'),
+    ({'watchdog.eval_s': -1.0}, 'config.watchdog.eval_s must be a number >= 0 (0: no limit)'),
+    ({'watchdog.save_s': -1.0}, 'config.watchdog.save_s must be a number >= 0 (0: no limit)'),
+    ({'watchdog.step_factor': -2.0}, 'config.watchdog.step_factor must be a number >= 0 (0: no scaling)'),
+    ({'watchdog.sigterm_grace_s': -1.0}, 'config.watchdog.sigterm_grace_s must be a number >= 0'),
+    ({'watchdog.heartbeat_s': 0}, 'config.watchdog.heartbeat_s must be an integer >= 1'),
+    ({'watchdog.shutdown_s': -5}, 'config.watchdog.shutdown_s must be an integer >= 1'),
+    # The model's own settings (ghl_jax.models.check_kwargs).
+    ({'model.kwargs.width': 0.0}, 'config.model.kwargs does not fit deephebb: deephebb: width must be > 0'),
+    ({'model.kwargs.width': -0.5}, 'width must be > 0'),
+    ({'model.kwargs.num_classes': 0}, 'num_classes must be an integer > 0'),
+    ({'model.kwargs.dropout_rate': 1.0}, 'dropout_rate must be >= 0 and < 1'),
+    ({'model.kwargs.widht': 0.5}, "deephebb has no setting 'widht'; its settings: dropout_rate, dtype"),
 ]
 
 
@@ -269,6 +302,25 @@ def test_hostile_config_fails_before_training(tiny_tfds, reference, tmp_path, mo
   text = str(error.value)
   assert message in text and '\n' not in text, text
   assert checkpoint_digest(workdir) == before
+
+
+def numeric_fields(config, prefix=''):
+  """The dotted names of every numeric (or numeric-placeholder) field of ``config``."""
+  for key in config.keys():
+    value, name = config[key], prefix + key
+    if hasattr(value, 'keys') and name not in ('ghl.t_inv', 'model.kwargs'):
+      yield from numeric_fields(value, name + '.')
+    elif name == 'ghl.t_inv' or (not isinstance(value, bool) and isinstance(value, (int, float))) or (
+        value is None and config.get_ref(key).get_type() in (int, float)):
+      yield name
+
+
+def test_every_numeric_field_of_base_is_checked():
+  """Each numeric field of common.base() has an out-of-range case in HOSTILE (a new field needs one)."""
+  fields = set(numeric_fields(common.base()))
+  covered = {key.rsplit('.', 1)[0] if key.startswith('ghl.t_inv.') else key for o, _ in HOSTILE for key in o}
+  assert {'seed', 'data.image_size', 'watchdog.heartbeat_s', 'ghl.t_inv', 'hebbian.norm_power'} <= fields
+  assert fields <= covered, sorted(fields - covered)
 
 
 def test_unwritable_workdir(tiny_tfds, tmp_path):

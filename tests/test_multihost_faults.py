@@ -191,7 +191,7 @@ def test_sigterm_guard_exits_after_the_grace_period_unless_finished():
 @pytest.mark.parametrize('field, value, message', [
     ('step_s', -1.0, 'config.watchdog.step_s must be a number >= 0'),
     ('sigterm_grace_s', -5.0, 'config.watchdog.sigterm_grace_s must be a number >= 0'),
-    ('heartbeat_s', -1, 'config.watchdog.heartbeat_s must be a number >= 0'),
+    ('heartbeat_s', 0, 'config.watchdog.heartbeat_s must be an integer >= 1'),
 ])
 def test_bad_watchdog_fields_are_one_line(tiny_tfds, field, value, message):
   config = tiny_config(*tiny_tfds)

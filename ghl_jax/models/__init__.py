@@ -5,6 +5,7 @@ and returns float32 logits; ``dtype`` is the compute dtype (params stay float32)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -32,7 +33,7 @@ _REGISTRY: dict[str, Callable] = {
 }
 
 __all__ = ['CifarResNet', 'DeepHebb', 'DeepHebbSoftHebb', 'FastHebb', 'ResNet', 'ResNet18', 'ResNet50',
-           'VGG', 'VGG16', 'ViT', 'ViTB16', 'ViTTiny', 'build', 'names', 'register']
+           'VGG', 'VGG16', 'ViT', 'ViTB16', 'ViTTiny', 'build', 'check_kwargs', 'names', 'register']
 
 
 def register(name: str, constructor: Callable) -> None:
@@ -45,7 +46,32 @@ def names() -> list[str]:
 
 
 def build(name: str, **kwargs):
-  """The registered model ``name`` built with ``kwargs``; unknown names list the known ones."""
+  """The registered model ``name`` built with ``kwargs`` (checked by :func:`check_kwargs`); unknown
+  names list the known ones."""
+  check_kwargs(name, kwargs)
+  return _REGISTRY[name](**kwargs)
+
+
+def check_kwargs(name: str, kwargs: dict) -> None:
+  """Raises ValueError (one line) for a keyword that model ``name`` does not have or a number out of
+  range: ``*_rate`` in [0, 1), every other number (width, depth, sizes, counts) > 0, integer fields
+  integers. A registered constructor that is not a flax module is not checked."""
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; known models: {", ".join(names())}.')
-  return _REGISTRY[name](**kwargs)
+  module = _REGISTRY[name]
+  while isinstance(module, functools.partial):
+    module = module.func
+  if not dataclasses.is_dataclass(module):
+    return
+  fields = {f.name: f for f in dataclasses.fields(module) if f.name not in ('parent', 'name')}
+  for key, value in kwargs.items():
+    if key not in fields:
+      raise ValueError(f'{name} has no setting {key!r}; its settings: {", ".join(sorted(fields))}.')
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    wants_int = fields[key].type in (int, 'int')
+    if key.endswith('_rate'):
+      if not 0 <= value < 1:
+        raise ValueError(f'{name}: {key} must be >= 0 and < 1, got {value!r}.')
+    elif not value > 0 or (wants_int and not isinstance(value, int)):
+      raise ValueError(f'{name}: {key} must be {"an integer " if wants_int else ""}> 0, got {value!r}.')

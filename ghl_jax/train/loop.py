@@ -81,7 +81,7 @@ def build_model(config, num_classes: int):
   kwargs['dtype'] = jnp.dtype(dtype)
   try:
     return models.build(config.model.name, **kwargs)
-  except TypeError as error:
+  except (TypeError, ValueError) as error:
     raise validate.ConfigError(f'config.model.kwargs does not fit {config.model.name}: {error}') from None
 
 

@@ -1,7 +1,9 @@
 """Config checks run before anything is built: each bad value gives one line saying what to change."""
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Optional
 
 from ghl_jax import models
 from ghl_jax import rules
@@ -12,16 +14,75 @@ METHODS = ('ghl', 'bp', 'hebbian')
 OPTIMIZERS = ('paper_sgd', 'momentum_sgd', 'adam')
 DTYPES = ('float32', 'bfloat16', 'auto')
 
-UNSET = -1   # the one 'not set' value of a step count (what it means is in STEP_FIELDS)
+UNSET = -1   # the one 'not set' value of a step count (what it means is in RANGES)
 
-# Step counts: field -> (what UNSET means, or None where it is not allowed; the smallest other value).
-STEP_FIELDS = {
-    'num_train_steps': ('train config.num_epochs epochs', 1),
-    'steps_per_epoch': ('take it from the dataset size', 1),
-    'eval_every_steps': ('evaluate once per epoch', 1),
-    'log_every_steps': (None, 1),
-    'checkpoint_every_steps': (None, 1),
-    'hebbian.num_steps': ('train config.hebbian.epochs epochs', 0),
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The valid values of one numeric config field: an integer (``integer``) or any number, at least
+  ``least`` or above ``above``, below ``below``; ``special`` lists the values outside that range
+  that mean something on purpose, as ``(value, meaning)``."""
+  integer: bool
+  least: Optional[float] = None
+  above: Optional[float] = None
+  below: Optional[float] = None
+  special: tuple = ()
+
+  def allows(self, value) -> bool:
+    if any(value == v and type(value) is type(v) for v, _ in self.special):
+      return True
+    if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+      return False
+    return ((self.least is None or value >= self.least) and (self.above is None or value > self.above)
+            and (self.below is None or value < self.below))
+
+  def describe(self) -> str:
+    bounds = [f'>= {self.least:g}' if self.least is not None else '', f'> {self.above:g}' if self.above is not None else '',
+              f'< {self.below:g}' if self.below is not None else '']
+    text = ('an integer ' if self.integer else 'a number ') + ' and '.join(b for b in bounds if b)
+    return text + ''.join(f', or {v} to {meaning}' for v, meaning in self.special)
+
+
+COUNT, POSITIVE, NONNEGATIVE = Range(True, least=1), Range(False, above=0), Range(False, least=0)
+
+
+def steps_or_unset(meaning: str) -> Range:
+  """A step count >= 1, or :data:`UNSET` meaning ``meaning``."""
+  return Range(True, least=1, special=((UNSET, meaning),))
+
+
+# Every numeric field of experiments/configs/common.base(): its valid values (one source of truth;
+# tests/test_fault_tolerance.py checks that each field of base() is here). Per-layer mappings (t_inv,
+# hebbian.lr) check each value. config.model.kwargs: ghl_jax.models.check_kwargs.
+RANGES = {
+    'seed': Range(True, least=0),
+    'batch_size': COUNT, 'eval_batch_size': COUNT, 'grad_accum_steps': COUNT,
+    'num_train_steps': steps_or_unset('train config.num_epochs epochs'),
+    'num_epochs': POSITIVE,
+    'steps_per_epoch': steps_or_unset('take it from the dataset size'),
+    'eval_every_steps': steps_or_unset('evaluate once per epoch'),
+    'log_every_steps': COUNT, 'checkpoint_every_steps': COUNT, 'keep_checkpoints': COUNT,
+    'data.image_size': Range(True, least=1, special=((None, "keep the dataset's image size"),)),
+    'data.shuffle_buffer': COUNT,
+    'optimizer.lr': POSITIVE, 'optimizer.lr_conv': POSITIVE, 'optimizer.wd_conv': NONNEGATIVE,
+    'optimizer.momentum': Range(False, least=0, below=1), 'optimizer.weight_decay': NONNEGATIVE,
+    'optimizer.warmup_steps': Range(True, least=0),
+    'ghl.t_inv': POSITIVE,
+    'hebbian.t_inv': POSITIVE, 'hebbian.lr': POSITIVE,
+    'hebbian.norm_power': Range(False, least=0, special=((None, 'keep the rate constant'),)),
+    'hebbian.epochs': POSITIVE,
+    'hebbian.num_steps': Range(True, least=0, special=((UNSET, 'train config.hebbian.epochs epochs'),)),
+    'hebbian.batch_size': COUNT,
+    'watchdog.startup_s': NONNEGATIVE, 'watchdog.restore_s': NONNEGATIVE, 'watchdog.step_s': NONNEGATIVE,
+    'watchdog.eval_s': NONNEGATIVE, 'watchdog.save_s': NONNEGATIVE, 'watchdog.step_factor': NONNEGATIVE,
+    'watchdog.sigterm_grace_s': NONNEGATIVE,
+    'watchdog.heartbeat_s': Range(True, least=1), 'watchdog.shutdown_s': Range(True, least=1),
+}
+ZERO_MEANS = {   # where 0 is allowed on purpose, what it means (said in the error line)
+    'watchdog.startup_s': 'no limit', 'watchdog.restore_s': 'no limit', 'watchdog.step_s': 'no limit',
+    'watchdog.eval_s': 'no limit', 'watchdog.save_s': 'no limit', 'watchdog.step_factor': 'no scaling',
+    'watchdog.sigterm_grace_s': 'wait for the save', 'hebbian.num_steps': 'no Hebbian phase',
+    'optimizer.warmup_steps': 'no warm-up',
 }
 
 
@@ -30,44 +91,23 @@ class ConfigError(ValueError):
 
 
 def _field(config, dotted: str):
-  """``config.a.b`` for ``'a.b'``."""
+  """``config.a.b`` for ``'a.b'`` (KeyError when a section or field is absent)."""
   for key in dotted.split('.'):
     config = config[key]
   return config
 
 
-def _positive(config, *fields):
-  for field in fields:
-    value = _field(config, field)
-    if not (isinstance(value, (int, float)) and value > 0):
-      raise ConfigError(f'config.{field} must be > 0, got {value!r}.')
-
-
-def _step_counts(config) -> None:
-  """Each step count is an int >= its minimum, or UNSET where STEP_FIELDS gives it a meaning."""
-  for field, (unset, least) in STEP_FIELDS.items():
-    value = _field(config, field)
-    if isinstance(value, int) and not isinstance(value, bool) and (value >= least or (unset and value == UNSET)):
+def _ranges(config) -> None:
+  """Each field of :data:`RANGES` present in ``config`` holds a value in its range."""
+  for field, valid in RANGES.items():
+    try:
+      value = _field(config, field)
+    except (KeyError, AttributeError):
       continue
-    meaning = f', or {UNSET} to {unset}' if unset else ''
-    raise ConfigError(f'config.{field} must be an integer >= {least}{meaning}; got {value!r}.')
-
-
-def _t_inv_values(t_inv):
-  return t_inv.values() if hasattr(t_inv, 'values') else [t_inv]
-
-
-def _watchdog(config) -> None:
-  """Timeouts and grace periods are numbers >= 0 (0: no limit)."""
-  dog = config.get('watchdog')
-  if dog is None:
-    return
-  for name, value in dog.items():
-    if name == 'enabled':
-      if not isinstance(value, bool):
-        raise ConfigError(f'config.watchdog.enabled must be True or False, got {value!r}.')
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      raise ConfigError(f'config.watchdog.{name} must be a number >= 0 (0: no limit), got {value!r}.')
+    for one in (value.values() if hasattr(value, 'values') else [value]):
+      if not valid.allows(one):
+        zero = f' (0: {ZERO_MEANS[field]})' if field in ZERO_MEANS else ''
+        raise ConfigError(f'config.{field} must be {valid.describe()}{zero}; got {one!r}.')
 
 
 def validate(config, *, device_count: int, process_count: int = 1) -> None:
@@ -80,16 +120,14 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
     raise ConfigError(f'Unknown optimizer {config.optimizer.name!r} (config.optimizer.name); choose one of {OPTIMIZERS}.')
   if config.compute_dtype not in DTYPES:
     raise ConfigError(f'config.compute_dtype must be one of {DTYPES}, got {config.compute_dtype!r}.')
-  _positive(config, 'batch_size', 'eval_batch_size', 'grad_accum_steps', 'optimizer.lr')
-  if config.optimizer.name == 'paper_sgd':
-    _positive(config, 'optimizer.lr_conv')
-    if config.optimizer.wd_conv < 0:
-      raise ConfigError(f'config.optimizer.wd_conv must be >= 0, got {config.optimizer.wd_conv!r}.')
-  if config.num_train_steps == 0 or (config.num_train_steps == UNSET and not config.num_epochs > 0):
+  if config.num_train_steps == 0 or (config.num_train_steps == UNSET and config.num_epochs == 0):
     raise ConfigError(f'Nothing to train: set config.num_train_steps > 0 or config.num_epochs > 0 '
                       f'(got {config.num_train_steps} and {config.num_epochs}).')
-  _step_counts(config)
-  _watchdog(config)
+  _ranges(config)
+  try:
+    models.check_kwargs(config.model.name, dict(config.model.kwargs))
+  except ValueError as error:
+    raise ConfigError(f'config.model.kwargs does not fit {config.model.name}: {error}') from None
   for name in ('batch_size', 'eval_batch_size'):
     size = config[name]
     if size % device_count:
@@ -108,9 +146,6 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
   if config.method == 'ghl':
     if config.ghl.rule not in rules.RULES:
       raise ConfigError(f'Unknown Hebbian rule {config.ghl.rule!r} (config.ghl.rule); choose one of {sorted(rules.RULES)}.')
-    for value in _t_inv_values(config.ghl.t_inv):
-      if not (isinstance(value, (int, float)) and value > 0):
-        raise ConfigError(f'config.ghl.t_inv values must be > 0, got {value!r}.')
     if config.ghl.direction not in transform.DIRECTIONS:
       raise ConfigError(f'config.ghl.direction must be one of {transform.DIRECTIONS}, got {config.ghl.direction!r}.')
     if config.ghl.magnitude not in transform.MAGNITUDES:
@@ -139,16 +174,8 @@ def _validate_hebbian(config, device_count: int) -> None:
   h = config.hebbian
   if h.rule not in rules.RULES:
     raise ConfigError(f'Unknown Hebbian rule {h.rule!r} (config.hebbian.rule); choose one of {sorted(rules.RULES)}.')
-  for field in ('t_inv', 'lr'):
-    for value in _t_inv_values(h[field]):
-      if not (isinstance(value, (int, float)) and value > 0):
-        raise ConfigError(f'config.hebbian.{field} values must be > 0, got {value!r}.')
   rule_of(config, 'hebbian')
-  if h.norm_power is not None and not h.norm_power >= 0:
-    raise ConfigError(f'config.hebbian.norm_power must be >= 0 or None, got {h.norm_power!r}.')
-  if h.num_steps == UNSET and not h.epochs > 0:
-    raise ConfigError(f'config.hebbian.epochs must be > 0 (or set config.hebbian.num_steps >= 0), got {h.epochs!r}.')
-  if not (isinstance(h.batch_size, int) and h.batch_size > 0) or h.batch_size % device_count:
+  if h.batch_size % device_count:
     raise ConfigError(f'config.hebbian.batch_size={h.batch_size!r} must be a positive multiple of the '
                       f'{device_count} devices.')
   if h.probe_schedule not in ('cosine', 'halving'):
