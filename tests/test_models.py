@@ -229,12 +229,12 @@ LR = 0.1
 
 
 def ghl_step(model, size, layers=None, batch=4):
-  """Init, then one jitted step of ``chain(ghl(layers=layers), sgd(LR))`` on random data."""
+  """Init, then one jitted step of ``chain(ghl(rule=Rule(layers=layers)), sgd(LR))`` on random data."""
   images = jax.random.normal(rng(1), (batch, size, size, 3))
   labels = jnp.arange(batch) % 10
   variables = model.init(rng(0), images, train=False)
   params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
-  tx = optax.chain(ghl_jax.ghl(layers=layers), optax.sgd(LR))
+  tx = optax.chain(ghl_jax.ghl(rule=ghl_jax.Rule(layers=layers)), optax.sgd(LR))
 
   def loss_fn(p):
     (logits, _), taps = ghl_jax.tap(model.apply)(

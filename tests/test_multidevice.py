@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(jax.device_count() < DEVICES,
 
 
 def make_tx(axis_name=None):
-  return optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=100, t_inv=T_INV,
-                         axis_name=axis_name)
+  return optim.paper_sgd(lr=5e-3, lr_conv=1e-2, wd_conv=5e-2, total_steps=100,
+                         rule=ghl_jax.Rule(t_inv=T_INV), axis_name=axis_name)
 
 
 def make_step(model, tx, *, train, axis_name=None, fused=False):

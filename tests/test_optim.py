@@ -37,7 +37,8 @@ def step():
   labels = jnp.arange(8) % 10
   variables = model.init(jax.random.PRNGKey(1), images, train=False)
   params, batch_stats = variables['params'], variables['batch_stats']
-  tx = optim.paper_sgd(lr=LR, lr_conv=LR_CONV, wd_conv=WD_CONV, total_steps=TOTAL_STEPS, t_inv=T_INV)
+  tx = optim.paper_sgd(lr=LR, lr_conv=LR_CONV, wd_conv=WD_CONV, total_steps=TOTAL_STEPS,
+                       rule=ghl_jax.Rule(t_inv=T_INV))
 
   @jax.jit
   def train_step(params, opt_state, batch_stats, rng):

@@ -75,7 +75,7 @@ class GHLTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_default_selection_updates_conv_kernels_only(self):
     model, params, x, labels, grads, taps = self.setup
-    tx = ghl_jax.ghl(t_inv=0.7)
+    tx = ghl_jax.ghl(rule=ghl_jax.Rule(t_inv=0.7))
     update = self.variant(lambda g, s, p, t: tx.update(g, s, p, taps=t)[0])
     updates = update(grads, tx.init(params), params, taps)
     for module in ('conv1', 'conv2'):
@@ -110,7 +110,7 @@ def test_hebbian_terms_are_raw_numpy_terms(setup):
 ])
 def test_layers_regex_and_exact_paths(setup, layers, governed):
   _, params, _, _, grads, taps = setup
-  tx = ghl_jax.ghl(layers=layers)
+  tx = ghl_jax.ghl(rule=ghl_jax.Rule(layers=layers))
   updates, _ = tx.update(grads, tx.init(params), params, taps=taps)
   for module in ('conv1', 'conv2', 'classifier'):
     if module in governed:
@@ -123,7 +123,7 @@ def test_layers_regex_and_exact_paths(setup, layers, governed):
 @pytest.mark.parametrize('layers', ['no_such_layer', ['conv1/bias'], ['conv1']])
 def test_selection_of_nothing_raises(setup, layers):
   _, params, _, _, grads, taps = setup
-  tx = ghl_jax.ghl(layers=layers)
+  tx = ghl_jax.ghl(rule=ghl_jax.Rule(layers=layers))
   with pytest.raises(ValueError, match='selects no kernel'):
     tx.update(grads, tx.init(params), params, taps=taps)
 
@@ -136,7 +136,7 @@ def test_selection_of_nothing_raises(setup, layers):
 ])
 def test_t_inv_per_layer(setup, t_inv, per_layer):
   _, params, _, _, grads, taps = setup
-  tx = ghl_jax.ghl(t_inv=t_inv)
+  tx = ghl_jax.ghl(rule=ghl_jax.Rule(t_inv=t_inv))
   updates, _ = tx.update(grads, tx.init(params), params, taps=taps)
   for module, value in per_layer.items():
     assert_close(updates[module]['kernel'], expected_update(params, grads, taps, module, value))
@@ -162,7 +162,7 @@ def test_ablations(setup, direction, magnitude, formula):
 def test_other_rules_through_ghl(setup):
   _, params, _, _, grads, taps = setup
   for rule, hyper in (('hpca', {}), ('swta', {'similarity': 'dot'}), ('softmax_oja', {'decay': False})):
-    tx = ghl_jax.ghl(t_inv=0.5, rule=rule, rule_kwargs=hyper)
+    tx = ghl_jax.ghl(rule=ghl_jax.Rule(rule, t_inv=1.0 if rule == 'hpca' else 0.5, **hyper))   # hpca: none
     updates, _ = tx.update(grads, tx.init(params), params, taps=taps)
     for module in ('conv1', 'conv2'):
       h = raw_term(params, taps, module, 0.5, rule, **hyper)
@@ -214,7 +214,7 @@ def test_stacked_scan_kernels_are_normalised_per_block():
 
 def test_chain_with_sgd(setup):
   _, params, _, _, grads, taps = setup
-  tx = optax.chain(ghl_jax.ghl(t_inv=0.5), optax.sgd(0.1))
+  tx = optax.chain(ghl_jax.ghl(rule=ghl_jax.Rule(t_inv=0.5)), optax.sgd(0.1))
   updates, _ = jax.jit(lambda g, p, t: tx.update(g, tx.init(p), p, taps=t))(grads, params, taps)
   for module in ('conv1', 'conv2'):
     assert_close(updates[module]['kernel'], -0.1 * expected_update(params, grads, taps, module, 0.5))
@@ -223,7 +223,7 @@ def test_chain_with_sgd(setup):
 
 def test_inject_hyperparams_with_learning_rate(setup):
   _, params, _, _, grads, taps = setup
-  make = lambda learning_rate: optax.chain(ghl_jax.ghl(t_inv=0.5), optax.sgd(learning_rate))
+  make = lambda learning_rate: optax.chain(ghl_jax.ghl(rule=ghl_jax.Rule(t_inv=0.5)), optax.sgd(learning_rate))
   tx = optax.inject_hyperparams(make)(learning_rate=0.3)
   state = tx.init(params)
   updates, state = tx.update(grads, state, params, taps=taps)
@@ -241,7 +241,7 @@ def test_multi_transform_masked_leaves_pass_through(setup):
   labels = {'conv1': {'kernel': 'ghl'}, 'conv2': {'kernel': 'ghl', 'bias': 'ghl'},
             'classifier': {'kernel': 'bp', 'bias': 'bp'}}
   tx = optax.multi_transform(
-      {'ghl': optax.chain(ghl_jax.ghl(layers='conv|classifier'), optax.sgd(0.1)),
+      {'ghl': optax.chain(ghl_jax.ghl(rule=ghl_jax.Rule(layers='conv|classifier')), optax.sgd(0.1)),
        'bp': optax.sgd(0.2)},
       labels, mask_compatible_extra_args=True)
   updates, _ = jax.jit(lambda g, p, t: tx.update(g, tx.init(p), p, taps=t))(grads, params, taps)
@@ -254,7 +254,7 @@ def test_multi_transform_masked_leaves_pass_through(setup):
 
 def test_precomputed_hebb_equals_taps(setup):
   _, params, _, _, grads, taps = setup
-  tx = ghl_jax.ghl(t_inv={'conv1': 0.5})
+  tx = ghl_jax.ghl(rule=ghl_jax.Rule(t_inv={'conv1': 0.5}))
   from_taps, _ = tx.update(grads, tx.init(params), params, taps=taps)
   hebb = ghl_jax.hebbian_terms(params, taps, t_inv={'conv1': 0.5})
   from_hebb, _ = tx.update(grads, tx.init(params), params, hebb=hebb)
@@ -294,11 +294,13 @@ def test_weight_shared_layer_sums_its_calls():
 
 def test_bad_arguments_raise(setup):
   _, params, _, _, grads, taps = setup
-  for kwargs, match in (({'direction': 'up'}, 'direction'), ({'magnitude': 'big'}, 'magnitude'),
-                        ({'t_inv': 0.0}, 't_inv'), ({'t_inv': {'conv1': -1.0}}, 'conv1'),
-                        ({'rule': 'nope'}, 'Unknown Hebbian rule')):
+  for make, match in ((lambda: ghl_jax.ghl(direction='up'), 'direction'),
+                      (lambda: ghl_jax.ghl(magnitude='big'), 'magnitude'),
+                      (lambda: ghl_jax.Rule(t_inv=0.0), 't_inv'),
+                      (lambda: ghl_jax.Rule(t_inv={'conv1': -1.0}), 'conv1'),
+                      (lambda: ghl_jax.Rule('nope'), 'Unknown Hebbian rule')):
     with pytest.raises(ValueError, match=match):
-      ghl_jax.ghl(**kwargs)
+      make()
   tx = ghl_jax.ghl()
   with pytest.raises(ValueError, match='taps'):
     tx.update(grads, tx.init(params), params)
