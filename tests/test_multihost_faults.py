@@ -26,9 +26,9 @@ from test_fault_tolerance import flat_overrides, free_port, logged_steps, wait_f
 from test_train import REPO, tiny_config
 
 STEPS = 16
-STEP_S = 20.0         # the watchdog's step limit in these tests (a loaded machine's save is well under it)
+STEP_S = 12.0         # the watchdog's step limit in these tests (well under the heartbeat timeout)
 GRACE_S = 5.0         # the SIGTERM grace period
-HEARTBEAT_S = 20      # the distributed runtime's heartbeat timeout
+HEARTBEAT_S = 60      # the distributed runtime's heartbeat timeout (a stopped peer: the watchdog ends it first)
 RUNTIME_DEAD_PEER = 'Terminating process because the JAX distributed service detected fatal errors'
 
 

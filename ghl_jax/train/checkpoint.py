@@ -24,6 +24,24 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in names if name.isdigit())
 
 
+def read_latest(workdir: str) -> dict:
+  """The newest checkpoint in ``workdir`` as saved (the train state's dict), on this host's first
+  device, whatever topology wrote it; nothing in the workdir changes."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not saved_steps(workdir):
+    raise ValueError(f'No checkpoint in {directory}: train first or pass another workdir.')
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  try:
+    step = manager.latest_step()
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          dict(manager.metadata(step).item_metadata))
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  finally:
+    manager.close()
+
+
 class Checkpointer:
   """``CheckpointManager`` under ``workdir/checkpoints`` with fall-back restore.
 

@@ -7,7 +7,6 @@ pyplot's figures as they were (notebooks keep their inline backend).
 """
 from __future__ import annotations
 
-import os
 import sys
 from typing import Mapping
 
@@ -87,18 +86,8 @@ def plot_fields(kernel: np.ndarray, out: str, title: str = 'First-layer receptiv
 def latest_params(workdir: str) -> dict:
   """Params of the newest checkpoint in ``workdir`` as numpy, on any device topology."""
   import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  steps = [int(s) for s in os.listdir(directory) if s.isdigit()] if os.path.isdir(directory) else []
-  if not steps:
-    raise ValueError(f'No checkpoint in {directory}: train first or pass another workdir.')
-  path = os.path.join(directory, str(max(steps)), 'default')
-  checkpointer = ocp.StandardCheckpointer()
-  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  metadata = checkpointer.metadata(path).item_metadata
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), dict(metadata))
-  restored = checkpointer.restore(path, target)
-  return jax.tree.map(np.asarray, restored['params'])
+  from ghl_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  return jax.tree.map(np.asarray, checkpoint.read_latest(workdir)['params'])
 
 
 def _main(argv):
