@@ -114,7 +114,7 @@ def shrink(c, dataset: str, args, full_hebbian: bool = False) -> None:
   """The budget of this benchmark applied to a full config (``full_hebbian``: all of the
   recipe's unsupervised epochs, then the budget's probe)."""
   c.data.update({'name': dataset, 'data_dir': args.data_dir, 'download': False,
-                 'eval_split': f'test[:{args.eval_examples}]', 'shuffle_buffer': 10_000})
+                 'eval_split': f'test[:{args.eval_examples}]'})
   c.model.kwargs.width = args.width
   c.batch_size, c.eval_batch_size = BATCH, 500
   c.num_train_steps = args.steps

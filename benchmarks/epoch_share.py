@@ -2,7 +2,7 @@
 
 For each config file (and each of its training phases, e.g. SoftHebb's unsupervised phase at its
 own batch size), with the trainer's own pieces (``methods.phases``, ``evaluation``, the tfds +
-tf.data pipeline of ``ghl_jax.train.data``) on the real CIFAR-10 copy::
+grain pipeline of ``ghl_jax.train.data``) on the real CIFAR-10 copy::
 
     train epoch  = steps per epoch × median train step (fixed batch, donated state)
     eval pass    = evaluation.evaluate over all 10,000 test images (second pass; the first compiles);
@@ -145,7 +145,7 @@ def section(rows: list, args, load=None) -> str:
            f'load average {" ".join(f"{v:.2f}" for v in load)} at the end): the trainer\'s '
            f'train step ({args.steps} timed), the evaluation over the whole CIFAR-10 test split (a '
            f"probe phase's on the features it keeps; \"first\": the first call, with compilation and, "
-           f'for a probe, the features) and the tf.data pipeline alone, per config file and phase. '
+           f'for a probe, the features) and the input pipeline alone, per config file and phase. '
            f'Goal: each ≤ {GOAL:.0%} of the epoch.', '',
            '| config | phase | batch | step (ms) | train epoch (s) | eval 10k (s) @ batch | first (s) '
            '| eval share | input epoch (s) | input share |',

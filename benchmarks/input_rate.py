@@ -1,4 +1,4 @@
-"""Is the input pipeline ever the bottleneck? tf.data's CIFAR batch rate vs the train step's.
+"""Is the input pipeline ever the bottleneck? The grain pipeline's CIFAR batch rate vs the train step's.
 
 Measures, in one process and in this order:
 
@@ -6,12 +6,13 @@ Measures, in one process and in this order:
    batch), with the experiment's data config (CIFAR-10, batch 64, no augmentation; ``--augment
    crop_flip`` for the strong baselines);
 2. the GHL train step alone, on one fixed batch (DeepHebb, ``--width``);
-3. the train step fed by the pipeline (as ``train_and_evaluate`` does), so tf.data's threads
+3. the train step fed by the pipeline (as ``train_and_evaluate`` does), so grain's threads
    compete with the step for the same cores.
 
 The pipeline is not the bottleneck when (1) is several times (2) and (3) is as fast as (2)::
 
-    python -m benchmarks.input_rate --data_dir /work/main/tfds_data
+    python -m benchmarks.input_rate --data_dir DATA_DIR
+    python -m benchmarks.input_rate --data_dir DATA_DIR --sizes 16,64,128,256,1024   # the pipeline alone
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def parse_args(argv=None):
   parser.add_argument('--dataset', default='cifar10')
   parser.add_argument('--augment', default='none', choices=data_lib.pipeline.AUGMENTS)
   parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--sizes', default='', help='comma-separated batch sizes: time the pipeline alone at '
+                      'each (no train step), e.g. 16,64,128,256,1024')
   parser.add_argument('--batches', type=int, default=200, help='pipeline batches timed')
   parser.add_argument('--steps', type=int, default=5, help='train steps timed (alone and fed)')
   parser.add_argument('--width', type=float, default=1.0, help='DeepHebb width of the train step')
@@ -44,7 +47,24 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.batches < 2 or args.steps < 1 or args.batch < 1:
     parser.error('--batches must be >= 2, --steps and --batch >= 1.')
+  try:
+    args.sizes = [int(size) for size in args.sizes.split(',') if size.strip()]
+  except ValueError:
+    parser.error(f'--sizes must be comma-separated integers, got {args.sizes!r}.')
+  if any(size < 1 for size in args.sizes):
+    parser.error('--sizes must be >= 1.')
   return args
+
+
+def size_table(cfg, args) -> list:
+  """The pipeline alone at each of ``args.sizes``: one row per batch size."""
+  rows = []
+  for size in args.sizes:
+    rate = pipeline_rate(cfg, size, args.batches)
+    rows.append({'batch': size, **rate})
+    print(f"batch {size:5d}: {rate['images_per_s']:9.0f} images/s ({rate['batches_per_s']:.1f} batches/s, "
+          f"first batch after {rate['first_batch_s']:.2f} s)", flush=True)
+  return rows
 
 
 def data_config(args):
@@ -106,6 +126,13 @@ def main(argv=None):
   host_memory.keep_freed_memory()
   cfg = data_config(args)
   load = ' '.join(f'{v:.2f}' for v in os.getloadavg())
+  if args.sizes:
+    print(f"{args.dataset} (augment {args.augment}), pipeline alone, {os.cpu_count()} CPUs, load average {load}")
+    rows = size_table(cfg, args)
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump({'load_average': load, 'augment': args.augment, 'rows': rows}, f, indent=1)
+    return
   pipe = pipeline_rate(cfg, args.batch, args.batches)
   steps = step_rates(cfg, args)
   report = {**pipe, **steps, 'ratio': steps['step_alone_s'] / pipe['batch_s'],

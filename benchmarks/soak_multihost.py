@@ -65,7 +65,7 @@ def command(data_dir: str, name: str, workdir: str, args) -> list[str]:
   overrides = {'data.name': name, 'data.data_dir': data_dir, 'model.kwargs.width': args.width,
                'batch_size': args.batch, 'eval_batch_size': args.eval_batch, 'num_train_steps': args.steps,
                'log_every_steps': 10, 'eval_every_steps': args.eval_every or args.every,
-               'checkpoint_every_steps': args.every, 'data.shuffle_buffer': 256,
+               'checkpoint_every_steps': args.every,
                'compilation_cache_dir': args.cache}
   return ([sys.executable, '-m', 'experiments.main', '--config=experiments/configs/quickstart.py',
            f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()] + args.extra)

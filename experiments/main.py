@@ -6,7 +6,7 @@ Any field can be overridden, e.g. ``--config.batch_size=128 --config.model.name=
 SLURM / on a TPU VM slice, where they are discovered) and start the same command on every host.
 
 A bad command line (unknown field, missing config file, bad value) ends in one ``error:`` line
-on stderr and exit status 2. Library logs (TensorFlow's C++ lines, absl INFO from orbax and tfds)
+on stderr and exit status 2. Library logs (XLA's C++ lines, absl INFO from orbax and tfds)
 stay off unless asked for with ``--verbosity=0`` (``-v 0``) or ``GHL_VERBOSE=1``; the trainer's
 progress lines always print.
 """
@@ -92,7 +92,7 @@ def parse_flags(argv):
   unless :func:`verbose`."""
   silent = not verbose(argv)
   if silent:
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # read when TensorFlow loads, in main
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')   # read by XLA's C++ logging when jax loads, in main
   path = config_file(argv)
   if path is not None and not os.path.isfile(path):
     fail(f'--config file {path!r} not found; give a config file, e.g. experiments/configs/quickstart.py.')
@@ -111,7 +111,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv                                  # checked by parse_flags
-  # jax and TensorFlow load here, after the command line is checked; their start-up lines are
+  # jax, orbax and tfds load here, after the command line is checked; their start-up lines are
   # filtered unless absl logs INFO (verbosity >= 0: asked for).
   with quiet.stderr_filtered() if FLAGS.verbosity < 0 else contextlib.nullcontext():
     from ghl_jax import train               # pylint: disable=import-outside-toplevel

@@ -1,8 +1,8 @@
-"""Library log lines off: the INFO/WARNING lines TensorFlow's C++ code writes while it loads.
+"""Library log lines off: the INFO/WARNING lines C++ libraries (XLA, and TensorFlow where a user's
+code loads it) write through absl before ``TF_CPP_MIN_LOG_LEVEL`` is read.
 
-Its absl logging prints them before ``TF_CPP_MIN_LOG_LEVEL`` is read (oneDNN, CPU features),
-so they are filtered from stderr instead: ``with stderr_filtered(): import tensorflow`` in
-Python, ``CMD 2> >(python -m experiments.quiet >&2)`` in a shell. Every other line passes.
+They are filtered from stderr instead: ``with stderr_filtered(): import jax`` in Python,
+``CMD 2> >(python -m experiments.quiet >&2)`` in a shell. Every other line passes.
 """
 from __future__ import annotations
 

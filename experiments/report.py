@@ -97,7 +97,7 @@ def load(workdir: str) -> Run:
   """The config and metric rows of one run's workdir."""
   check(workdir)
   # pylint: disable=import-outside-toplevel
-  from ghl_jax.train import metrics, run_config     # the trainer package: TensorFlow, seconds to import
+  from ghl_jax.train import metrics, run_config     # the trainer package: seconds to import
   from ghl_jax.train.validate import ConfigError
   try:
     rows = metrics.read(workdir)

@@ -12,7 +12,7 @@ jax.config.update('jax_platforms', 'cpu')
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiny tfds datasets (real tfrecords in a temp data_dir), read through the same code as real data.
+# Tiny tfds datasets (real array_record files in a temp data_dir), read through the same code as real data.
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -21,23 +21,21 @@ def store_tiny_tfds(data_dir, name, image_shape, *, num_train=96, num_test=40, n
                     ordered=True, num_shards=None):
   """Writes ``name`` (uint8 random images, labels ``i % num_classes``) into ``data_dir``.
 
-  ``ordered`` keeps the insertion order on disk (else tfds shuffles by key, as for real data).
+  ``ordered`` keeps the insertion order on disk (else the examples are stored in a shuffled order,
+  as tfds stores real data), in ``num_shards`` files per split (tfds's choice when None).
   """
-  import tensorflow_datasets as tfds
+  from ghl_jax.train.data import store
 
   rng = np.random.default_rng(seed)
-  features = tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=image_shape),
-      'label': tfds.features.ClassLabel(num_classes=num_classes)})
 
-  def examples(count):
+  def split(count):
     images = rng.integers(0, 256, (count, *image_shape), dtype=np.uint8)
-    return [(i, {'image': images[i], 'label': i % num_classes}) for i in range(count)]
+    labels = np.arange(count) % num_classes
+    order = np.arange(count) if ordered else rng.permutation(count)
+    return images[order], labels[order]
 
-  tfds.dataset_builders.store_as_tfds_dataset(
-      name=name, version='1.0.0', features=features, data_dir=str(data_dir), disable_shuffling=ordered,
-      split_datasets={'train': examples(num_train), 'test': examples(num_test)},
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+  store.write(name, '1.0.0', store.image_features(image_shape, num_classes=num_classes),
+              {'train': split(num_train), 'test': split(num_test)}, str(data_dir), num_shards=num_shards)
   return str(data_dir), name
 
 

@@ -272,7 +272,7 @@ def test_ablations_switch_one_field_each():
 def _tiny_config(dataset):
   data_dir, name = dataset
   c = baselines.cifar_softhebb('cifar10', 'runlocal')
-  c.data.update({'name': name, 'data_dir': data_dir, 'shuffle_buffer': 96})
+  c.data.update({'name': name, 'data_dir': data_dir})
   c.model.kwargs.width = 0.05
   c.hebbian.batch_size, c.hebbian.num_steps = 8, 3
   c.batch_size, c.eval_batch_size = 16, 40

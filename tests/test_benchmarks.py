@@ -153,7 +153,7 @@ def test_epoch_share_times_every_phase_and_evaluates_every_test_image(tiny_tfds,
 
   def tiny(config_name, _):
     config = real(config_name, data_dir)
-    config.data.update({'name': name, 'shuffle_buffer': 10})
+    config.data.update({'name': name})
     config.model.kwargs.width = 1 / 16
     config.batch_size, config.eval_batch_size = 16, 16
     config.hebbian.batch_size = 8

@@ -1,18 +1,21 @@
 """ghl_jax.data: shapes, normalisation, determinism, resume, per-process slices, eval padding,
 augmentation, missing data and the offline importer, on tiny tfds datasets in temp dirs.
 
-References are plain numpy on the stored uint8 pixels (read back with tfds directly); examples
+References are plain numpy on the stored uint8 pixels (read back with tfds's data source); examples
 are identified by their pixel bytes, which are unique in the random tiny datasets.
 """
 import functools
 import gzip
+import io
 import itertools
+import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import store_tiny_tfds
 from ghl_jax.train import data
 from ghl_jax.train.data import offline
 
@@ -27,10 +30,17 @@ def _config(dataset, **overrides):
   return cfg
 
 
+def _load(name, split, data_dir):
+  """``{feature: stacked values}`` of a whole split as stored, read by index with tfds's data source."""
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  examples = [source[i] for i in range(len(source))]
+  return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
+
+
 def _stored(dataset, split):
-  """(images uint8, labels) exactly as stored, read with plain tfds."""
+  """(images uint8, labels) exactly as stored."""
   data_dir, name = dataset
-  arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+  arrays = _load(name, split, data_dir)
   return arrays['image'], arrays['label']
 
 
@@ -48,7 +58,6 @@ def _keys(images_uint8):
 @pytest.fixture(scope='module')
 def sharded_tfds(tmp_path_factory):
   """Like tiny_tfds, but stored the way real data is: 4 shards, shuffled by key."""
-  from conftest import store_tiny_tfds
   return store_tiny_tfds(tmp_path_factory.mktemp('tfds_sharded'), 'tiny_sharded', (32, 32, 3),
                          ordered=False, num_shards=4)
 
@@ -258,6 +267,45 @@ def test_missing_dataset_names_the_import_command(tmp_path):
     data.ensure_available(cfg)
 
 
+def _as_tfrecord(dataset_folder):
+  """Marks a stored dataset as written in tfrecord files (the format of the tf.data pipeline)."""
+  path = os.path.join(dataset_folder, 'dataset_info.json')
+  with open(path) as f:
+    info = json.load(f)
+  info['fileFormat'] = 'tfrecord'
+  with open(path, 'w') as f:
+    json.dump(info, f)
+
+
+def test_tfrecord_data_gets_one_line_and_the_importer_rewrites_it(tmp_path, capsys):
+  """Data stored as tfrecord (earlier versions, or tfds's default) is refused in one line naming the
+  way out; the offline importer writes it again as array_record."""
+  data_dir, name = store_tiny_tfds(tmp_path / 'tiny', 'tiny_old', (8, 8, 3), num_train=10, num_test=5)
+  _as_tfrecord(os.path.join(data_dir, name, '1.0.0'))
+  with pytest.raises(data.DatasetMissingError) as error:
+    data.ensure_available(_config((data_dir, name)))
+  assert 'stored as tfrecord' in str(error.value) and 'tfds convert_format' in str(error.value)
+  assert '\n' not in str(error.value)
+
+  source, cifar_dir = tmp_path / 'npz', str(tmp_path / 'tfds')
+  source.mkdir()
+  rng = np.random.default_rng(3)
+  for file, count in (('train-00000-of-00001.npz', 10), ('test.npz', 4)):
+    np.savez(source / file, image=rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+             label=rng.integers(0, 10, count))
+  assert offline.main(['cifar10', '--source', str(source), '--data_dir', cifar_dir]) == 0
+  _as_tfrecord(os.path.join(cifar_dir, 'cifar10', '3.0.2'))
+  cfg = data.default_config('cifar10')
+  cfg.data_dir = cifar_dir
+  with pytest.raises(data.DatasetMissingError, match='stored as tfrecord.*python -m ghl_jax.train.data.offline cifar10'):
+    data.ensure_available(cfg)
+  assert offline.main(['cifar10', '--check', '--data_dir', cifar_dir]) == 1
+  capsys.readouterr()
+  assert offline.main(['cifar10', '--source', str(source), '--data_dir', cifar_dir]) == 0
+  assert 'stored as tfrecord; writing it again as array_record' in capsys.readouterr().out
+  assert data.info(cfg).num_train == 10
+
+
 def test_download_only_when_allowed(tmp_path, monkeypatch):
   calls = []
 
@@ -299,8 +347,7 @@ def test_offline_cifar10_npz_round_trip(tmp_path, capsys):
   assert type(builder).__name__ == 'Cifar10' and str(builder.version) == '3.0.2'
   assert builder.info.features['label'].names[:2] == ['airplane', 'automobile']
   for split, (images, labels) in split_arrays.items():
-    stored = tfds.as_numpy(tfds.load('cifar10', split=split, data_dir=data_dir, download=False,
-                                     batch_size=-1))
+    stored = _load('cifar10', split, data_dir)
     order = np.argsort([int(i.decode().rsplit('_', 1)[1]) for i in stored['id']])
     np.testing.assert_array_equal(stored['image'][order], images)
     np.testing.assert_array_equal(stored['label'][order], labels)
@@ -331,12 +378,38 @@ def test_offline_fashion_mnist_idx_round_trip(tmp_path):
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   assert type(builder).__name__ == 'FashionMNIST' and str(builder.version) == '3.0.1'
   for split, (images, labels) in split_arrays.items():
-    stored = tfds.as_numpy(tfds.load('fashion_mnist', split=split, data_dir=data_dir, download=False,
-                                     batch_size=-1))
+    stored = _load('fashion_mnist', split, data_dir)
     assert sorted(zip(_keys(stored['image']), stored['label'])) == sorted(zip(_keys(images), labels))
   cfg = data.default_config('fashion_mnist')
   cfg.data_dir = data_dir
   assert data.info(cfg) == data.DatasetInfo(10, (28, 28, 1), 10, 4)
+
+
+def test_offline_download_fetches_the_four_idx_files_and_imports_them(tmp_path, monkeypatch, capsys):
+  """``--download``: the four IDX files from tfds's address (here served from memory), then the import;
+  a dataset without a download is refused in one line."""
+  rng = np.random.default_rng(2)
+  served, fetched = {}, []
+  for prefix, count in (('train', 12), ('t10k', 5)):
+    for kind, array in (('images-idx3', rng.integers(0, 256, (count, 28, 28))), ('labels-idx1', np.arange(count) % 10)):
+      path = tmp_path / f'{prefix}-{kind}-ubyte.gz'
+      _write_idx(path, array)
+      served[path.name] = path.read_bytes()
+
+  def urlopen(url, timeout):
+    assert url.startswith(tfds.builder_cls('fashion_mnist').URL) and timeout > 0
+    fetched.append(url.rsplit('/', 1)[1])
+    return io.BytesIO(served[fetched[-1]])
+
+  monkeypatch.setattr(offline.urllib.request, 'urlopen', urlopen)
+  data_dir = str(tmp_path / 'tfds')
+  assert offline.main(['fashion_mnist', '--download', '--data_dir', data_dir]) == 0
+  assert sorted(fetched) == sorted(offline.IDX_FILES)
+  cfg = data.default_config('fashion_mnist')
+  cfg.data_dir = data_dir
+  assert data.info(cfg) == data.DatasetInfo(10, (28, 28, 1), 12, 5)
+  assert offline.main(['cifar10', '--download', '--data_dir', data_dir]) == 1
+  assert "--download fetches ['fashion_mnist', 'mnist'], not cifar10" in capsys.readouterr().err
 
 
 def test_offline_cifar10_class_sorted_split_is_mixed_once(tmp_path):

@@ -255,7 +255,6 @@ HOSTILE = [
     ({'keep_checkpoints': 0}, 'config.keep_checkpoints must be an integer >= 1'),
     ({'data.image_size': -32}, "config.data.image_size must be an integer >= 1, or None to keep the dataset's"),
     ({'data.image_size': 0}, 'config.data.image_size must be an integer >= 1'),
-    ({'data.shuffle_buffer': 0}, 'config.data.shuffle_buffer must be an integer >= 1'),
     ({'optimizer.momentum': 1.0}, 'config.optimizer.momentum must be a number >= 0 and < 1'),
     ({'optimizer.momentum': -0.9}, 'config.optimizer.momentum must be a number >= 0 and < 1'),
     ({'optimizer.weight_decay': -5e-4}, 'config.optimizer.weight_decay must be a number >= 0'),

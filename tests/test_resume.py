@@ -79,6 +79,27 @@ def test_resumable_fields_may_change(tiny_tfds, first_run, tmp_path):
   assert run_config.read(workdir)['num_train_steps'] == STEPS + 2
 
 
+def test_a_retired_field_of_an_older_run_resumes_with_a_note(tiny_tfds, first_run, tmp_path, capsys):
+  """A workdir saved when config.data.shuffle_buffer existed (the tf.data pipeline) resumes, with one
+  line naming it; an unknown field that is not retired still refuses."""
+  workdir = copy_of(first_run, tmp_path)
+  path = os.path.join(workdir, run_config.FILENAME)
+  with open(path) as f:
+    saved = json.load(f)
+  saved['data']['shuffle_buffer'] = 50_000
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  train.train_and_evaluate(config_of(tiny_tfds, num_train_steps=STEPS + 1, eval_every_steps=STEPS + 1), workdir)
+  assert max(train_times(workdir)) == STEPS + 1
+  assert 'note: the saved run sets config.data.shuffle_buffer, which this version no longer has' in \
+      capsys.readouterr().out
+  saved['data']['crop_size'] = 3
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(ConfigError, match='data.crop_size=3 there but unset now'):
+    train.train_and_evaluate(config_of(tiny_tfds, num_train_steps=STEPS + 2), workdir)
+
+
 def test_force_resumes_a_changed_experiment(tiny_tfds, first_run, tmp_path):
   workdir = copy_of(first_run, tmp_path)
   times = train_times(workdir)

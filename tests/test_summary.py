@@ -1,6 +1,7 @@
 """What a run reports about itself: the model summary, TensorBoard's config and receptive fields,
 profile traces, and the metrics of a finished workdir."""
 import glob
+import io
 import os
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.configs import common
 from ghl_jax import train
-from ghl_jax.train import metrics, summary
+from ghl_jax.train import events, metrics, summary
 from ghl_jax.train.validate import ConfigError
 from test_train import tiny_config
 
@@ -52,10 +53,11 @@ def test_summary_counts_params_and_flops_per_module():
 
 
 def tensorboard_values(directory) -> dict:
-  import tensorflow as tf
+  """``{tag: last summary value}`` of the event files in ``directory``, read by TensorBoard's loader."""
+  from tensorboard.backend.event_processing import event_file_loader
   values = {}
   for path in glob.glob(os.path.join(directory, 'events.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for event in event_file_loader.EventFileLoader(path).Load():
       for value in event.summary.value:
         values[value.tag] = value
   return values
@@ -78,6 +80,36 @@ def test_writer_logs_config_and_receptive_fields(tmp_path):
   silent.write_config(common.base())
   silent.write_fields(3, kernel)
   assert not os.path.exists(tmp_path / 'other')
+
+
+def test_events_read_back_through_tensorboard(tmp_path):
+  """Scalars, text, images and hparams written without TensorFlow read back by TensorBoard's own
+  accumulator with the values written (the image pixel for pixel)."""
+  from PIL import Image
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  writer = events.SummaryWriter(str(tmp_path))
+  for step, value in ((1, 0.5), (7, -2.25)):
+    writer.scalar('train/loss', value, step)
+  writer.text('note', 'hello', 3)
+  writer.image('fields', image, 4)
+  writer.image('gray', np.full((2, 3, 1), 0.5), 4)
+  writer.hparams({'optimizer': {'lr': 0.01, 'name': 'sgd'}, 'layers': (1, 2)})
+  writer.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={'tensors': 0})
+  acc.Reload()
+  loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in acc.Tensors('train/loss')]
+  assert loss == [(1, 0.5), (7, -2.25)]
+  assert acc.SummaryMetadata('train/loss').plugin_data.plugin_name == 'scalars'
+  assert tensor_util.make_ndarray(acc.Tensors('note')[0].tensor_proto).item() == b'hello'
+  width, height, encoded = tensor_util.make_ndarray(acc.Tensors('fields')[0].tensor_proto)
+  assert (int(width), int(height)) == (7, 5)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encoded))), image)
+  gray = tensor_util.make_ndarray(acc.Tensors('gray')[0].tensor_proto)[2]
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(gray))), np.full((2, 3), 128))
+  session = acc.summary_metadata['_hparams_/session_start_info'].plugin_data.content
+  assert b'optimizer.lr' in session and b'optimizer.name' in session and b'(1, 2)' in session
 
 
 @pytest.mark.parametrize('value, window', [

@@ -84,7 +84,7 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({
       'name': 'cifar10', 'data_dir': placeholder(str), 'download': False, 'manual_dir': placeholder(str),
       'train_split': 'train', 'eval_split': 'test', 'augment': 'none', 'image_size': placeholder(int),
-      'normalize': CIFAR_HALF, 'shuffle_buffer': 50_000,
+      'normalize': CIFAR_HALF,
   })
   c.batch_size = 64
   c.eval_batch_size = 256
@@ -162,4 +162,3 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps = 10
   c.eval_every_steps = 60
   c.checkpoint_every_steps = 30
-  c.data.shuffle_buffer = 1000

@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.method = switches.method
   c.model.name = 'deephebb'
   c.model.kwargs.width = switches.width
-  c.data.update({'name': 'fashion_mnist', 'normalize': 'half', 'shuffle_buffer': 60_000})
+  c.data.update({'name': 'fashion_mnist', 'normalize': 'half'})
   c.num_train_steps = switches.steps
   c.log_every_steps = 50
   c.eval_every_steps = max(switches.steps // 3, 1)

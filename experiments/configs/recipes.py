@@ -10,7 +10,7 @@ import ml_collections
 from experiments.configs import common
 
 IMAGENET_DATA = {'name': 'imagenet2012', 'eval_split': 'validation', 'augment': 'inception',
-                 'image_size': 224, 'normalize': 'imagenet', 'shuffle_buffer': 20_000}
+                 'image_size': 224, 'normalize': 'imagenet'}
 
 
 def _finish(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:

@@ -67,7 +67,7 @@ def vit_imagenet(method: str, arg=None) -> ml_collections.ConfigDict:
   c = common.base()
   c.model.name = 'vit_b16'
   c.data.update({'name': 'imagenet2012', 'eval_split': 'validation', 'augment': 'inception',
-                 'image_size': 224, 'normalize': 'imagenet', 'shuffle_buffer': 20_000})
+                 'image_size': 224, 'normalize': 'imagenet'})
   c.batch_size, c.eval_batch_size, c.num_epochs = 1024, 1000, 300
   c.log_every_steps, c.checkpoint_every_steps = 100, 2500
   c.ghl.layers = LAYERS['attn_mlp']

@@ -8,7 +8,8 @@
     run_config.py    the resolved config saved in the workdir; the fields a resume may change
     summary.py       parameters and FLOPs per module at the start of a run
     metrics.py       JSONL + TensorBoard, progress line;  plots.py: curves and receptive fields
-    data/            tfds + tf.data input, offline imports;  distributed.py: multi-host start-up
+    data/            tfds array_record input through grain, offline imports;  distributed.py: multi-host start-up
+    events.py        TensorBoard event files without TensorFlow
 """
 try:
   from ghl_jax.train.loop import NumericalError, train_and_evaluate

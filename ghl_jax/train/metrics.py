@@ -25,8 +25,8 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._tb = None
     if enabled and tensorboard:
-      from flax.metrics import tensorboard as tb  # pylint: disable=import-outside-toplevel
-      self._tb = tb.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      from ghl_jax.train import events  # pylint: disable=import-outside-toplevel
+      self._tb = events.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def rewind(self, step: int) -> None:
     """Drops rows after ``step`` (the restored checkpoint): resumed runs log each step once."""

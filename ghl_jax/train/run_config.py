@@ -30,6 +30,13 @@ RESUMABLE = frozenset({
     'heartbeat_s', 'shutdown_s')}
 
 
+# Fields that earlier versions saved and this one no longer has: a saved run that holds them resumes
+# (their value changed nothing this version does), with one line naming them.
+RETIRED = {
+    'data.shuffle_buffer': 'grain permutes the whole split each epoch',
+}
+
+
 class _Unset:
   """A field one of the two configs lacks."""
 
@@ -81,9 +88,12 @@ def save(config, workdir: str) -> None:
 
 
 def changed_fields(saved: dict, mine: dict, *, legacy: bool = False) -> list[str]:
-  """Fields outside :data:`RESUMABLE` whose values differ (a legacy file: only the fields it holds)."""
+  """Fields outside :data:`RESUMABLE` whose values differ (a legacy file: only the fields it holds);
+  a :data:`RETIRED` field that only the saved config holds is not a change."""
   fields = set(saved) if legacy else set(saved) | set(mine)
-  return sorted(f for f in fields if f not in RESUMABLE and saved.get(f, _UNSET) != mine.get(f, _UNSET))
+  retired = {f for f in RETIRED if f in saved and f not in mine}
+  return sorted(f for f in fields - retired
+                if f not in RESUMABLE and saved.get(f, _UNSET) != mine.get(f, _UNSET))
 
 
 def describe(saved: dict, mine: dict, fields: list[str], *, shown: int = 4) -> str:
@@ -111,6 +121,9 @@ def check_resume(config, workdir: str, *, resuming: bool) -> list[str]:
   if saved is None:
     return []
   mine = flatten(config)
+  for field in sorted(f for f in RETIRED if f in saved and f not in mine):
+    print(f'note: the saved run sets config.{field}, which this version no longer has ({RETIRED[field]}); '
+          'resuming without it.', flush=True)
   legacy = not os.path.exists(os.path.join(workdir, FILENAME))
   fields = changed_fields(saved, mine, legacy=legacy)
   if fields and not force:

@@ -63,7 +63,6 @@ RANGES = {
     'eval_every_steps': steps_or_unset('evaluate once per epoch'),
     'log_every_steps': COUNT, 'checkpoint_every_steps': COUNT, 'keep_checkpoints': COUNT,
     'data.image_size': Range(True, least=1, special=((None, "keep the dataset's image size"),)),
-    'data.shuffle_buffer': COUNT,
     'optimizer.lr': POSITIVE, 'optimizer.lr_conv': POSITIVE, 'optimizer.wd_conv': NONNEGATIVE,
     'optimizer.momentum': Range(False, least=0, below=1), 'optimizer.weight_decay': NONNEGATIVE,
     'optimizer.warmup_steps': Range(True, least=0),

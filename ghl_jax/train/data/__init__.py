@@ -1,4 +1,5 @@
-"""Input pipeline: tfds datasets through tf.data, with offline import of local copies.
+"""Input pipeline: tfds array_record datasets through grain (no TensorFlow), with offline import of
+local copies.
 
 ``info`` / ``steps_per_epoch`` describe a ``config.data``; ``train_batches`` is the endless,
 resumable, per-process training stream; ``eval_batches`` one padded pass over the eval split;

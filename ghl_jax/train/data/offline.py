@@ -1,16 +1,19 @@
 """Offline import: local copies of CIFAR-10 / (Fashion-)MNIST written into a tfds data_dir.
 
-The records are written under the registered tfds name and version, with the registered
-builder's features and split names, so ``tfds.load(name, data_dir=D, download=False)`` and
-:mod:`ghl_jax.train.data.pipeline` read them exactly like downloaded data::
+The records are written (by :mod:`ghl_jax.train.data.store`, without TensorFlow) as ``array_record``
+files under the registered tfds name and version, with the registered builder's features and split
+names, so ``tfds.data_source(name, data_dir=D)`` and :mod:`ghl_jax.train.data.pipeline` read them
+exactly like data tfds prepared::
 
     python -m ghl_jax.train.data.offline cifar10 --source /path/to/cifar10_npz --data_dir ~/tensorflow_datasets
     python -m ghl_jax.train.data.offline fashion_mnist --data_dir ~/tensorflow_datasets
+    python -m ghl_jax.train.data.offline fashion_mnist --download --data_dir ~/tensorflow_datasets
 
 Sources: ``cifar10`` reads ``train-*-of-*.npz`` shards (concatenated in shard order) and
 ``test.npz``, each with ``image`` uint8 [N,32,32,3] and ``label`` int [N]; ``mnist`` and
 ``fashion_mnist`` read the four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
-gzipped or not). Examples are keyed by their index, as the tfds builders key them. A split whose
+gzipped or not); ``--download`` fetches those four files from the address tfds downloads them from
+(into ``DATA_DIR/downloads/NAME``) and imports them. Examples are keyed by their index, as the tfds builders key them. A split whose
 labels come sorted by class (some CIFAR-10 copies store the test images class by class) is written
 in one fixed shuffled order, so that a slice such as ``test[:5000]`` samples every class.
 """
@@ -24,11 +27,14 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence
+import urllib.parse
+import urllib.request
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ghl_jax.train.data.pipeline import default_data_dir
+from ghl_jax.train.data import store
+from ghl_jax.train.data.sources import default_data_dir
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
@@ -98,12 +104,33 @@ def read_mnist_idx(source: str) -> Splits:
   return splits
 
 
+IDX_FILES = tuple(f'{prefix}-{kind}-ubyte.gz' for prefix in ('train', 't10k') for kind in ('images-idx3', 'labels-idx1'))
+
+
+def download_idx(name: str, folder: str, *, timeout: float = 60.0, log: Callable[[str], None] = print) -> str:
+  """The four IDX files of ``name`` (mnist, fashion_mnist) from tfds's address into ``folder``."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  base = tfds.builder_cls(name).URL
+  os.makedirs(folder, exist_ok=True)
+  for file in IDX_FILES:
+    path = os.path.join(folder, file)
+    if not os.path.exists(path):
+      log(f'[offline] downloading {urllib.parse.urljoin(base, file)}')
+      with urllib.request.urlopen(urllib.parse.urljoin(base, file), timeout=timeout) as response:
+        data = response.read()
+      with open(path + '.part', 'wb') as f:
+        f.write(data)
+      os.replace(path + '.part', path)
+  return folder
+
+
 @dataclasses.dataclass(frozen=True)
 class Importer:
   read: Callable[[str], Splits]
   default_source: Optional[str] = None
   label_names: Optional[Sequence[str]] = None
   with_id: bool = False  # the tfds cifar builders also store an 'id' text feature
+  downloadable: bool = False  # --download fetches its source files (download_idx)
 
 
 # The CIFAR-10 npz copy in the shared folder beside the repository (shared/data/cifar10).
@@ -112,8 +139,8 @@ SHARED_CIFAR10 = os.path.normpath(os.path.join(os.path.dirname(__file__), '..', 
 
 IMPORTERS = {
     'cifar10': Importer(read_cifar10_npz, SHARED_CIFAR10, CIFAR10_CLASSES, with_id=True),
-    'fashion_mnist': Importer(read_mnist_idx, '/usr/share/datasets/fashion-mnist'),
-    'mnist': Importer(read_mnist_idx),
+    'fashion_mnist': Importer(read_mnist_idx, '/usr/share/datasets/fashion-mnist', downloadable=True),
+    'mnist': Importer(read_mnist_idx, downloadable=True),
 }
 
 
@@ -123,19 +150,12 @@ def import_command(name: str, data_dir: str) -> str:
   return f'python -m ghl_jax.train.data.offline {name} --source {source} --data_dir {data_dir}'
 
 
-def _examples(split: str, images: np.ndarray, labels: np.ndarray, with_id: bool) -> Iterator:
-  for index, (image, label) in enumerate(zip(images, labels)):
-    example = {'image': image, 'label': int(label)}
-    if with_id:
-      example['id'] = f'{split}_{index:05d}'
-    yield index, example
-
-
 def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optional[str] = None,
                    force: bool = False, log: Callable[[str], None] = print) -> str:
   """Writes ``name`` from ``source`` into ``data_dir`` as tfds would; returns the dataset folder.
 
-  Skips the work when the registered builder already finds the data there, unless ``force``.
+  Skips the work when the registered builder already finds the data there as array_record, unless
+  ``force``; data stored as tfrecord (the format of earlier versions) is written again.
   """
   import tensorflow_datasets as tfds  # heavy import, kept out of module import
 
@@ -148,9 +168,11 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
   data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
   registered = tfds.builder(name, data_dir=data_dir)
   target = str(registered.data_dir)
-  if registered.is_prepared() and not force:
+  if _stored_as_array_record(registered) and not force:
     log(f'[offline] {name} {registered.version} is already in {target}; nothing to do (--force rewrites).')
     return target
+  if registered.is_prepared() and not force:
+    log(f'[offline] {name} in {target} is stored as tfrecord; writing it again as array_record')
   if os.path.isdir(target):
     log(f'[offline] removing the old {target}')
     shutil.rmtree(target)
@@ -164,12 +186,9 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
   if importer.label_names is not None:
     features['label'].names = list(importer.label_names)
   log(f'[offline] writing {name}:{registered.version} into {data_dir}')
-  tfds.dataset_builders.store_as_tfds_dataset(
-      name=name, version=str(registered.version), features=features, data_dir=data_dir,
-      split_datasets={split: _examples(split, images, labels, importer.with_id)
-                      for split, (images, labels) in splits.items()},
-      description=registered.info.description, homepage=registered.info.homepage,
-      citation=registered.info.citation)
+  store.write(name, str(registered.version), features, splits, data_dir, with_id=importer.with_id,
+              description=registered.info.description, homepage=registered.info.homepage,
+              citation=registered.info.citation)
 
   readback = tfds.builder(name, data_dir=data_dir)
   counts = {split: readback.info.splits[split].num_examples for split in splits}
@@ -180,11 +199,15 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
   return target
 
 
+def _stored_as_array_record(builder) -> bool:
+  return builder.is_prepared() and str(builder.info.file_format.value) == 'array_record'
+
+
 def is_imported(name: str, data_dir: Optional[str] = None) -> bool:
-  """Whether tfds can read ``name`` from ``data_dir`` without preparing anything."""
+  """Whether ``name`` is in ``data_dir`` as array_record (what the input pipeline reads)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   try:
-    return tfds.builder(name, data_dir=data_dir).is_prepared()
+    return _stored_as_array_record(tfds.builder(name, data_dir=data_dir))
   except Exception:  # pylint: disable=broad-except
     return False
 
@@ -198,6 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--data_dir', default=None, help='tfds data_dir (default: $TFDS_DATA_DIR or '
                       '~/tensorflow_datasets)')
   parser.add_argument('--force', action='store_true', help='rewrite the dataset if it is already there')
+  parser.add_argument('--download', action='store_true',
+                      help='fetch the source files first (mnist, fashion_mnist), into DATA_DIR/downloads/NAME')
   parser.add_argument('--check', action='store_true',
                       help='only report whether the dataset is already in data_dir (exit status 0 or 1)')
   args = parser.parse_args(argv)
@@ -206,8 +231,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'{args.dataset}: {"present" if present else "missing"} in {args.data_dir or "the default data_dir"}')
     return 0 if present else 1
   try:
-    import_dataset(args.dataset, source=args.source, data_dir=args.data_dir, force=args.force)
-  except ValueError as e:
+    source = args.source
+    if args.download:
+      if not IMPORTERS[args.dataset].downloadable:
+        raise ValueError(f'--download fetches {sorted(n for n, i in IMPORTERS.items() if i.downloadable)}, '
+                         f'not {args.dataset}; pass --source DIR.')
+      data_dir = os.path.abspath(os.path.expanduser(args.data_dir or default_data_dir()))
+      source = download_idx(args.dataset, os.path.join(data_dir, 'downloads', args.dataset))
+    import_dataset(args.dataset, source=source, data_dir=args.data_dir, force=args.force)
+  except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   return 0
