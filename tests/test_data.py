@@ -386,8 +386,8 @@ def test_offline_fashion_mnist_idx_round_trip(tmp_path):
 
 
 def test_offline_download_fetches_the_four_idx_files_and_imports_them(tmp_path, monkeypatch, capsys):
-  """``--download``: the four IDX files from tfds's address (here served from memory), then the import;
-  a dataset without a download is refused in one line."""
+  """``--download`` (and ``config.data.download=True``): the four IDX files from tfds's address (here
+  served from memory), then the import, no TensorFlow; a dataset without a download is refused in one line."""
   rng = np.random.default_rng(2)
   served, fetched = {}, []
   for prefix, count in (('train', 12), ('t10k', 5)):
@@ -410,6 +410,10 @@ def test_offline_download_fetches_the_four_idx_files_and_imports_them(tmp_path, 
   assert data.info(cfg) == data.DatasetInfo(10, (28, 28, 1), 12, 5)
   assert offline.main(['cifar10', '--download', '--data_dir', data_dir]) == 1
   assert "--download fetches ['fashion_mnist', 'mnist'], not cifar10" in capsys.readouterr().err
+  fetched.clear()                                   # config.data.download=True takes the same way
+  cfg.update(data_dir=str(tmp_path / 'other'), download=True)
+  data.ensure_available(cfg)
+  assert sorted(fetched) == sorted(offline.IDX_FILES) and data.info(cfg).num_eval == 5
 
 
 def test_offline_cifar10_class_sorted_split_is_mixed_once(tmp_path):

@@ -144,6 +144,17 @@ IMPORTERS = {
 }
 
 
+def download_and_import(name: str, data_dir: Optional[str] = None, *, force: bool = False,
+                        log: Callable[[str], None] = print) -> str:
+  """``--download``: the source files of ``name`` into ``DATA_DIR/downloads/NAME``, then the import."""
+  if not IMPORTERS[name].downloadable:
+    raise ValueError(f'--download fetches {sorted(n for n, i in IMPORTERS.items() if i.downloadable)}, '
+                     f'not {name}; pass --source DIR.')
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  source = download_idx(name, os.path.join(data_dir, 'downloads', name), log=log)
+  return import_dataset(name, source=source, data_dir=data_dir, force=force, log=log)
+
+
 def import_command(name: str, data_dir: str) -> str:
   """The shell command that imports ``name`` into ``data_dir``."""
   source = IMPORTERS[name].default_source or 'DIR'
@@ -231,14 +242,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'{args.dataset}: {"present" if present else "missing"} in {args.data_dir or "the default data_dir"}')
     return 0 if present else 1
   try:
-    source = args.source
     if args.download:
-      if not IMPORTERS[args.dataset].downloadable:
-        raise ValueError(f'--download fetches {sorted(n for n, i in IMPORTERS.items() if i.downloadable)}, '
-                         f'not {args.dataset}; pass --source DIR.')
-      data_dir = os.path.abspath(os.path.expanduser(args.data_dir or default_data_dir()))
-      source = download_idx(args.dataset, os.path.join(data_dir, 'downloads', args.dataset))
-    import_dataset(args.dataset, source=source, data_dir=args.data_dir, force=args.force)
+      download_and_import(args.dataset, args.data_dir, force=args.force)
+    else:
+      import_dataset(args.dataset, source=args.source, data_dir=args.data_dir, force=args.force)
   except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

@@ -152,7 +152,7 @@ def _views(cfg, images, indices: np.ndarray, shape: tuple, keys=None) -> np.ndar
 
 
 def _read_options() -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=2 * THREADS)
+  return grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=THREADS)
 
 
 def _prepared(data_cfg, split: str, process_index: int, process_count: int):

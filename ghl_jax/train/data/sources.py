@@ -82,8 +82,14 @@ def _tfrecord_message(cfg, where: str) -> str:
 
 
 def _prepare(builder, cfg) -> None:
-  """tfds's own download and preparation, as array_record (needs TensorFlow for most datasets)."""
+  """Downloads and prepares ``cfg.name`` as array_record: (Fashion-)MNIST through the offline importer
+  (no TensorFlow), anything else through tfds (which needs TensorFlow for most datasets)."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from ghl_jax.train.data import offline  # pylint: disable=import-outside-toplevel
+  importer = offline.IMPORTERS.get(base_name(cfg))
+  if importer is not None and importer.downloadable:
+    offline.download_and_import(base_name(cfg), data_dir(cfg), force=True)
+    return
   manual_dir = get(cfg, 'manual_dir')
   try:
     builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
@@ -105,6 +111,7 @@ def builder(cfg):
     if not get(cfg, 'download'):
       raise DatasetMissingError(_missing_message(cfg, where))
     _prepare(found, cfg)
+    found = tfds.builder(cfg.name, data_dir=where)
   if str(found.info.file_format.value) != 'array_record':
     raise DatasetMissingError(_tfrecord_message(cfg, where))
   return found
