@@ -34,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ghl_jax.train.data import store
-from ghl_jax.train.data.sources import default_data_dir
+from ghl_jax.train.data.sources import default_data_dir, prepared
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
@@ -182,7 +182,7 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
   if _stored_as_array_record(registered) and not force:
     log(f'[offline] {name} {registered.version} is already in {target}; nothing to do (--force rewrites).')
     return target
-  if registered.is_prepared() and not force:
+  if prepared(registered) and not force:
     log(f'[offline] {name} in {target} is stored as tfrecord; writing it again as array_record')
   if os.path.isdir(target):
     log(f'[offline] removing the old {target}')
@@ -211,7 +211,7 @@ def import_dataset(name: str, *, source: Optional[str] = None, data_dir: Optiona
 
 
 def _stored_as_array_record(builder) -> bool:
-  return builder.is_prepared() and str(builder.info.file_format.value) == 'array_record'
+  return prepared(builder) and str(builder.info.file_format.value) == 'array_record'
 
 
 def is_imported(name: str, data_dir: Optional[str] = None) -> bool:

@@ -99,6 +99,12 @@ def _prepare(builder, cfg) -> None:
                               f'"ghl_jax[prepare]", or import the data offline.') from None
 
 
+def prepared(found) -> bool:
+  """Whether tfds finished writing the builder's dataset (asked only where its info file exists, so
+  that tfds logs no warning about an empty folder)."""
+  return os.path.exists(os.path.join(str(found.data_dir), 'dataset_info.json')) and found.is_prepared()
+
+
 def builder(cfg):
   """The prepared tfds builder of ``cfg.name`` (array_record); downloads only when ``cfg.download``."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -107,7 +113,7 @@ def builder(cfg):
     found = tfds.builder(cfg.name, data_dir=where)
   except tfds.core.registered.DatasetNotFoundError:
     raise DatasetMissingError(_missing_message(cfg, where)) from None
-  if not found.is_prepared():
+  if not prepared(found):
     if not get(cfg, 'download'):
       raise DatasetMissingError(_missing_message(cfg, where))
     _prepare(found, cfg)
