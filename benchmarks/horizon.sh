@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's claim at a real horizon on CPU: CIFAR-10 DeepHebb (full width, the paper's recipe:
 # batch 64, two-group SGD, cosine over the run, no augmentation), GHL then BP, each EPOCHS epochs,
-# every epoch evaluated on all 10,000 test images, gradient alignment logged every 50 steps.
+# every epoch evaluated on all 10,000 test images, gradient alignment logged every 50 steps (in the BP
+# run: what GHL would have done, config.ghl.shadow).
 #
 #   bash benchmarks/horizon.sh ROOT [CIFAR10_NPZ_DIR]
 #
@@ -29,9 +30,11 @@ if ! python -m ghl_jax.train.data.offline cifar10 --data_dir "$DATA_DIR" --check
 fi
 for METHOD in ghl bp; do
   echo "[horizon] $METHOD: $EPOCHS epochs in $DTYPE, workdir $ROOT/$METHOD ($(date -u +%H:%M))"
+  shadow=()                                  # the BP run also logs what GHL would have done
+  if [ "$METHOD" = bp ]; then shadow=(--config.ghl.shadow=True); fi
   nice -n "${NICE:-19}" python -m experiments.main --config="experiments/configs/cifar10_deephebb_$METHOD.py" \
     --workdir="$ROOT/$METHOD" --config.data.data_dir="$DATA_DIR" --config.num_epochs="$EPOCHS" \
     --config.compute_dtype="$DTYPE" --config.log_every_steps=50 --config.eval_every_steps=-1 \
-    --config.checkpoint_every_steps=250
+    --config.checkpoint_every_steps=250 "${shadow[@]}"
 done
 python -m experiments.report "$ROOT/ghl" "$ROOT/bp" --markdown --plot "$ROOT/horizon.png"

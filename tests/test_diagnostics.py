@@ -1,8 +1,10 @@
 """Gradient-alignment diagnostics against numpy, in the trainer's metrics and in the report's plot."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import ghl_jax
 from ghl_jax import diagnostics
@@ -65,3 +67,40 @@ def test_the_train_step_logs_alignment_of_the_update_it_applies():
   for name in ('conv1', 'conv3'):
     np.testing.assert_allclose(stats[f'align/{name}/cos_update'],
                                _np_cos(-np.asarray(update[name]['kernel']), g[name]['kernel']), rtol=1e-3, atol=1e-4)
+
+
+def test_a_bp_step_with_a_shadow_logs_what_ghl_would_have_done_and_trains_as_plain_bp():
+  """``shadow=rule``: the BP step's params are those of the plain BP step, and at log steps the logged
+  alignment is that of the rule's terms (``value_and_grad`` on the same batch and dropout draw) with
+  the step's gradient."""
+  model = ghl_jax.models.DeepHebb(num_classes=10, width=0.05)
+  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  batch = {'image': images, 'label': jnp.arange(4) % 10}
+  variables = model.init(jax.random.key(1), images[:1], train=False)
+  rule = ghl_jax.Rule(t_inv=0.5)
+  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, use_ghl=False)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'], 'batch_stats': variables['batch_stats'],
+           'opt_state': tx.init(variables['params']), 'rng': jax.random.key(2)}
+  plain, plain_metrics = jax.jit(steps.make_train_step(model, tx, rule=None))(state, batch)
+  shadowed, metrics = jax.jit(steps.make_train_step(model, tx, rule=None, shadow=rule))(state, batch)
+  chex.assert_trees_all_equal(shadowed['params'], plain['params'])
+  assert not any(k.startswith('align/') for k in plain_metrics['stats'])
+  stats = metrics['stats']
+  assert {k for k in stats if k.startswith('align/conv1/')} == {
+      'align/conv1/cos_magnitude', 'align/conv1/near_zero', 'align/conv1/top_overlap'}
+
+  def loss(params, batch_stats, x, y, rng):
+    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                              mutable=['batch_stats'], rngs={'dropout': rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+  rng = jax.random.fold_in(jax.random.fold_in(state['rng'], 0), 0)
+  _, grads, hebb = ghl_jax.value_and_grad(loss, rule, has_aux=True)(
+      variables['params'], variables['batch_stats'], images, batch['label'], rng)
+  for name in ('conv1', 'conv2', 'conv3'):
+    h_hat = np.abs(np.asarray(hebb[f'{name}/kernel'].term))
+    h_hat = h_hat / h_hat.max()
+    np.testing.assert_allclose(stats[f'align/{name}/cos_magnitude'],
+                               _np_cos(h_hat, np.abs(np.asarray(grads[name]['kernel']))), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(stats[f'align/{name}/near_zero'], np.mean(h_hat < 1e-3), atol=1e-6)
+  with pytest.raises(ValueError, match='already applies GHL'):
+    steps.make_train_step(model, tx, rule=rule, shadow=rule)

@@ -231,6 +231,8 @@ HOSTILE = [
     ({'ghl.direction': 'up'}, 'direction must be one of'),
     ({'ghl.magnitude': 'huge'}, 'magnitude must be one of'),
     ({'ghl.per_head': 'yes'}, 'per_head must be True or False'),
+    ({'ghl.shadow': 'yes'}, 'config.ghl.shadow must be True or False'),
+    ({'ghl.shadow': True}, 'config.ghl.shadow shows what GHL would do in a BP run (method bp)'),
     ({'compute_dtype': 'float16'}, 'compute_dtype must be one of'),
     ({'data.augment': 'mixup'}, 'augment'),
     ({'data.normalize': 'zscore'}, 'normalize'),

@@ -105,6 +105,7 @@ def base() -> ml_collections.ConfigDict:
       'rule': 'softmax_oja', 'rule_kwargs': ml_collections.ConfigDict(),
       'direction': 'gradient', 'magnitude': 'hebbian',
       'per_head': False,                 # True: each head of a multi-output kernel competes alone
+      'shadow': False,                   # method 'bp': at log steps, what GHL would have done (align/*)
   }, type_safe=False)                    # t_inv may become a per-layer mapping
   c.hebbian = ml_collections.ConfigDict({   # method 'hebbian': local rule (phase 1), then a probe
       'layers': placeholder(str),        # kernels trained by the rule; None: every nn.Conv kernel

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import jax
 import optax
 
 from ghl_jax import accel
@@ -138,8 +139,12 @@ def phases(config, model, sample, total: int, first: int) -> tuple[optax.Gradien
                       config.hebbian.batch_size, 0, first, evaluates=False),
                 Phase('probe', probe, config.batch_size, first, total, probe=config.hebbian.trainable)], selection
   use = rule if config.method == 'ghl' else None
+  shadow = rule if config.method == 'bp' and config.ghl.get('shadow', False) else None
+  if shadow is not None and jax.process_index() == 0:
+    print(f'BP run: at each log step, also what GHL would have done on {", ".join(selection.paths)} '
+          '(align/<layer>/*, config.ghl.shadow).', flush=True)
   tx, lr_fns = supervised_optimizer(config, total, use, selection.paths)
   step = steps_lib.make_train_step(model, tx, rule=use, accum_steps=accum, lr_fns=lr_fns, conv_impl=impl,
-                                   log_every=log_every)
+                                   log_every=log_every, shadow=shadow)
   # The BP baseline trains the same two groups by backprop: no GHL table in its summary.
   return tx, [Phase(config.method, step, config.batch_size, 0, total)], selection if use is not None else None

@@ -25,6 +25,7 @@ RESUMABLE = frozenset({
     'data.data_dir', 'data.manual_dir', 'data.download', 'compilation_cache_dir',  # where files live
     'conv_impl',                                        # the same convolution by another kernel
     'force', 'sweep',                                   # switches of the command line and launcher
+    'ghl.shadow',                                       # a BP run's diagnostics: what GHL would have done
 }) | {f'watchdog.{name}' for name in (                  # fault tolerance: timeouts and grace periods
     'enabled', 'startup_s', 'restore_s', 'step_s', 'eval_s', 'save_s', 'step_factor', 'sigterm_grace_s',
     'heartbeat_s', 'shutdown_s')}

@@ -94,14 +94,17 @@ def checks(step, log_every: int, loss, grads, hebb, stats_fn: Callable) -> dict:
 def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[Rule],
                     accum_steps: int = 1, lr_fns: Optional[dict] = None,
                     trainable: Optional[str] = None, conv_impl: str = 'auto',
-                    log_every: int = 1) -> Callable:
+                    log_every: int = 1, shadow: Optional[Rule] = None) -> Callable:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   ``state`` is a dict ``{step, params, batch_stats, opt_state, rng}``; ``rule`` the
   :class:`ghl_jax.Rule` of GHL, or ``None`` for plain backprop. ``trainable`` (a regex over
   param paths) makes it a linear-probe step: backprop stops at the params it does not match,
   and their BatchNorms use (and keep) their running averages. ``conv_impl`` picks the kernels
-  (:mod:`ghl_jax.accel`).
+  (:mod:`ghl_jax.accel`). ``shadow`` (a Rule, backprop steps only): at log steps, also the terms
+  that rule forms on the same batch (same dropout draw as the first micro-batch) and how GHL's update
+  would align with this step's gradient (``align/<layer>/*`` without ``cos_update``); the step
+  itself is unchanged.
   """
   apply = model.apply
   if trainable is not None:
@@ -116,6 +119,17 @@ def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[R
     return cross_entropy(logits, labels), (logits, new_state)
 
   grad_fn = ghl_jax.value_and_grad(loss_fn, rule, has_aux=True, conv_impl=conv_impl)
+  if shadow is not None and rule is not None:
+    raise ValueError('shadow= shows what GHL would do in a backprop step; this step already applies GHL.')
+  shadow_fn = None if shadow is None else ghl_jax.value_and_grad(loss_fn, shadow, has_aux=True,
+                                                                 conv_impl=conv_impl)
+
+  def shadow_stats(params, batch_stats, batch, rng, grads) -> dict:
+    """What GHL would have done: its terms on the whole batch against this step's gradient."""
+    if shadow_fn is None:
+      return {}
+    _, _, hebb = shadow_fn(params, batch_stats, batch['image'], batch['label'], jax.random.fold_in(rng, 0))
+    return hebbian_stats(hebb, grads)
 
   def micro_step(params, batch_stats, images, labels, rng):
     """``(new batch stats, (loss, correct, grads, hebb))`` of one micro-batch."""
@@ -156,7 +170,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *, rule: Optional[R
     new_params = optax.apply_updates(params, updates)
     stats = lambda: {'l2/params': _l2(params), 'l2/grads': _l2(grads), 'l2/updates': _l2(updates),
                      **{f'lr/{name}': fn(state['step']) for name, fn in lr_fns.items()},
-                     **hebbian_stats(hebb, grads, updates)}
+                     **hebbian_stats(hebb, grads, updates),
+                     **shadow_stats(params, state['batch_stats'], batch, rng, grads)}
     metrics = {'loss': loss, 'accuracy': correct / batch['label'].shape[0],
                **checks(state['step'], log_every, loss, grads, hebb, stats)}
     new_state = dict(state, step=state['step'] + 1, params=new_params,

@@ -140,6 +140,12 @@ def validate(config, *, device_count: int, process_count: int = 1) -> None:
   if (config.batch_size // config.grad_accum_steps) % device_count:
     raise ConfigError(f'Each micro-batch ({config.batch_size}/{config.grad_accum_steps}) must be divisible '
                       f'by the {device_count} devices: change config.batch_size or config.grad_accum_steps.')
+  shadow = config.ghl.get('shadow', False)
+  if not isinstance(shadow, bool):
+    raise ConfigError(f'config.ghl.shadow must be True or False, got {shadow!r}.')
+  if shadow and config.method != 'bp':
+    raise ConfigError(f'config.ghl.shadow shows what GHL would do in a BP run (method bp), not in method '
+                      f'{config.method!r}: a GHL run logs the alignment of the update it applies. Set it False.')
   if config.method == 'hebbian':
     _validate_hebbian(config, device_count)
   if config.method == 'ghl':
