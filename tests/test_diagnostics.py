@@ -45,15 +45,22 @@ def test_stacked_terms_are_normalised_per_block():
   assert 'cos_update' not in got['s']
 
 
-def test_the_train_step_logs_alignment_of_the_update_it_applies():
+def deephebb_step_inputs(use_ghl: bool):
+  """A tiny DeepHebb, a batch of 4, its variables, a Rule, the paper's optimizer (GHL or BP groups)
+  and the train state of step 0."""
   model = ghl_jax.models.DeepHebb(num_classes=10, width=0.05)
   images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
   batch = {'image': images, 'label': jnp.arange(4) % 10}
   variables = model.init(jax.random.key(1), images[:1], train=False)
   rule = ghl_jax.Rule(t_inv=0.5)
-  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, rule=rule)
+  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, rule=rule, use_ghl=use_ghl)
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'], 'batch_stats': variables['batch_stats'],
            'opt_state': tx.init(variables['params']), 'rng': jax.random.key(2)}
+  return model, images, batch, variables, rule, tx, state
+
+
+def test_the_train_step_logs_alignment_of_the_update_it_applies():
+  model, images, batch, variables, rule, tx, state = deephebb_step_inputs(use_ghl=True)
   new, metrics = jax.jit(steps.make_train_step(model, tx, rule=rule))(state, batch)
   stats = metrics['stats']
   assert {k.split('/')[1] for k in stats if k.startswith('align/')} == {'conv1', 'conv2', 'conv3'}
@@ -73,14 +80,7 @@ def test_a_bp_step_with_a_shadow_logs_what_ghl_would_have_done_and_trains_as_pla
   """``shadow=rule``: the BP step's params are those of the plain BP step, and at log steps the logged
   alignment is that of the rule's terms (``value_and_grad`` on the same batch and dropout draw) with
   the step's gradient."""
-  model = ghl_jax.models.DeepHebb(num_classes=10, width=0.05)
-  images = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
-  batch = {'image': images, 'label': jnp.arange(4) % 10}
-  variables = model.init(jax.random.key(1), images[:1], train=False)
-  rule = ghl_jax.Rule(t_inv=0.5)
-  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, use_ghl=False)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'], 'batch_stats': variables['batch_stats'],
-           'opt_state': tx.init(variables['params']), 'rng': jax.random.key(2)}
+  model, images, batch, variables, rule, tx, state = deephebb_step_inputs(use_ghl=False)
   plain, plain_metrics = jax.jit(steps.make_train_step(model, tx, rule=None))(state, batch)
   shadowed, metrics = jax.jit(steps.make_train_step(model, tx, rule=None, shadow=rule))(state, batch)
   chex.assert_trees_all_equal(shadowed['params'], plain['params'])

@@ -24,7 +24,7 @@ from ghl_jax import train
 from ghl_jax.train import methods
 from ghl_jax.train import run_config
 from ghl_jax.train.validate import ConfigError
-from test_train import CACHE, REPO, tiny_config
+from test_train import REPO, tiny_config
 
 STEPS = 8
 
