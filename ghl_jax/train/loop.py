@@ -222,7 +222,10 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
     state = restored
   start = int(jax.device_get(state['step']))
   dog.enter('startup', start)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and start >= total > 0:
+    print(f'The workdir is at step {start}, at or past this run\'s {total} steps: nothing to train '
+          '(raise config.num_train_steps or num_epochs to train on).', flush=True)
+  elif jax.process_index() == 0:
     print(f"{'Resuming' if start else 'Starting'} from step {start} of {total} ({per_epoch} steps/epoch, "
           f'{jax.device_count()} devices).', flush=True)
 
