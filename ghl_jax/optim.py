@@ -71,6 +71,9 @@ def paper_sgd(*, lr: float, lr_conv: float, wd_conv: float, total_steps: int,
   """
   if wd_conv < 0:
     raise ValueError(f'wd_conv must be >= 0, got {wd_conv}.')
+  if not use_ghl and (rule is not None or ghl_kwargs):
+    raise ValueError(f'paper_sgd(use_ghl=False) trains by backprop and would ignore '
+                     f'{["rule"] * (rule is not None) + sorted(ghl_kwargs)}: drop them, or use_ghl=True.')
   ghl_group = [optax.add_decayed_weights(wd_conv), optax.sgd(cosine(lr_conv, total_steps))]
   if use_ghl:
     v1 = {'t_inv', 'layers', 'rule_kwargs'} & set(ghl_kwargs)

@@ -53,7 +53,8 @@ def deephebb_step_inputs(use_ghl: bool):
   batch = {'image': images, 'label': jnp.arange(4) % 10}
   variables = model.init(jax.random.key(1), images[:1], train=False)
   rule = ghl_jax.Rule(t_inv=0.5)
-  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, rule=rule, use_ghl=use_ghl)
+  tx = ghl_jax.optim.paper_sgd(lr=0.1, lr_conv=0.1, wd_conv=0.05, total_steps=4, use_ghl=use_ghl,
+                               rule=rule if use_ghl else None)
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'], 'batch_stats': variables['batch_stats'],
            'opt_state': tx.init(variables['params']), 'rng': jax.random.key(2)}
   return model, images, batch, variables, rule, tx, state

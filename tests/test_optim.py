@@ -86,6 +86,9 @@ def test_use_ghl_false_is_plain_two_group_sgd(step):
   params, grads = step['params'], step['grads']
   tx = optim.paper_sgd(lr=LR, lr_conv=LR_CONV, wd_conv=WD_CONV, total_steps=TOTAL_STEPS,
                        use_ghl=False)
+  with pytest.raises(ValueError, match=r"use_ghl=False\) trains by backprop and would ignore \['rule'\]"):
+    optim.paper_sgd(lr=LR, lr_conv=LR_CONV, wd_conv=WD_CONV, total_steps=TOTAL_STEPS, use_ghl=False,
+                    rule=ghl_jax.Rule())
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   for conv in CONVS:
     expected = -LR_CONV * (np.asarray(grads[conv]['kernel'], np.float64) +

@@ -11,17 +11,17 @@ that reads it), in TensorBoard's record format (TensorBoard's ``RecordWriter`` o
 """
 from __future__ import annotations
 
-import io
 import os
 import socket
 import time
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from ghl_jax.train.data import store
 
 HPARAM_TYPES = (bool, int, float, str, np.bool_, np.integer, np.floating)
 
@@ -37,13 +37,11 @@ def _value(tag: str, plugin: str, tensor: tensor_pb2.TensorProto) -> summary_pb2
 
 
 def png(image: np.ndarray) -> bytes:
-  """``[H, W, C]`` (C in 1, 3, 4) uint8, or floats in [0, 1], as PNG bytes."""
+  """``[H, W, C]`` uint8, or floats in [0, 1], as PNG bytes (:func:`ghl_jax.train.data.store.png`)."""
   image = np.asarray(image)
   if image.dtype != np.uint8:
     image = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-  out = io.BytesIO()
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out, format='PNG')
-  return out.getvalue()
+  return store.png(image)
 
 
 def flat_hparams(tree: Mapping[str, Any], prefix: str = '') -> dict:

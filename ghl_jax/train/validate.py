@@ -27,6 +27,7 @@ class Range:
   above: Optional[float] = None
   below: Optional[float] = None
   special: tuple = ()
+  zero: str = ''         # where 0 is allowed on purpose: what it means (said in the error line)
 
   def allows(self, value) -> bool:
     if any(value == v and type(value) is type(v) for v, _ in self.special):
@@ -40,10 +41,12 @@ class Range:
     bounds = [f'>= {self.least:g}' if self.least is not None else '', f'> {self.above:g}' if self.above is not None else '',
               f'< {self.below:g}' if self.below is not None else '']
     text = ('an integer ' if self.integer else 'a number ') + ' and '.join(b for b in bounds if b)
-    return text + ''.join(f', or {v} to {meaning}' for v, meaning in self.special)
+    text += ''.join(f', or {v} to {meaning}' for v, meaning in self.special)
+    return text + (f' (0: {self.zero})' if self.zero else '')
 
 
 COUNT, POSITIVE, NONNEGATIVE = Range(True, least=1), Range(False, above=0), Range(False, least=0)
+NO_LIMIT = Range(False, least=0, zero='no limit')
 
 
 def steps_or_unset(meaning: str) -> Range:
@@ -65,26 +68,19 @@ RANGES = {
     'data.image_size': Range(True, least=1, special=((None, "keep the dataset's image size"),)),
     'optimizer.lr': POSITIVE, 'optimizer.lr_conv': POSITIVE, 'optimizer.wd_conv': NONNEGATIVE,
     'optimizer.momentum': Range(False, least=0, below=1), 'optimizer.weight_decay': NONNEGATIVE,
-    'optimizer.warmup_steps': Range(True, least=0),
+    'optimizer.warmup_steps': Range(True, least=0, zero='no warm-up'),
     'ghl.t_inv': POSITIVE,
     'hebbian.t_inv': POSITIVE, 'hebbian.lr': POSITIVE,
     'hebbian.norm_power': Range(False, least=0, special=((None, 'keep the rate constant'),)),
     'hebbian.epochs': POSITIVE,
-    'hebbian.num_steps': Range(True, least=0, special=((UNSET, 'train config.hebbian.epochs epochs'),)),
+    'hebbian.num_steps': Range(True, least=0, special=((UNSET, 'train config.hebbian.epochs epochs'),),
+                               zero='no Hebbian phase'),
     'hebbian.batch_size': COUNT,
-    'watchdog.startup_s': NONNEGATIVE, 'watchdog.restore_s': NONNEGATIVE, 'watchdog.step_s': NONNEGATIVE,
-    'watchdog.eval_s': NONNEGATIVE, 'watchdog.save_s': NONNEGATIVE, 'watchdog.step_factor': NONNEGATIVE,
-    'watchdog.sigterm_grace_s': NONNEGATIVE,
+    **{f'watchdog.{phase}_s': NO_LIMIT for phase in ('startup', 'restore', 'step', 'eval', 'save')},
+    'watchdog.step_factor': Range(False, least=0, zero='no scaling'),
+    'watchdog.sigterm_grace_s': Range(False, least=0, zero='wait for the save'),
     'watchdog.heartbeat_s': Range(True, least=1), 'watchdog.shutdown_s': Range(True, least=1),
 }
-ZERO_MEANS = {   # where 0 is allowed on purpose, what it means (said in the error line)
-    'watchdog.startup_s': 'no limit', 'watchdog.restore_s': 'no limit', 'watchdog.step_s': 'no limit',
-    'watchdog.eval_s': 'no limit', 'watchdog.save_s': 'no limit', 'watchdog.step_factor': 'no scaling',
-    'watchdog.sigterm_grace_s': 'wait for the save', 'hebbian.num_steps': 'no Hebbian phase',
-    'optimizer.warmup_steps': 'no warm-up',
-}
-
-
 class ConfigError(ValueError):
   """A config value that cannot run; the message says which field to change and how."""
 
@@ -105,8 +101,7 @@ def _ranges(config) -> None:
       continue
     for one in (value.values() if hasattr(value, 'values') else [value]):
       if not valid.allows(one):
-        zero = f' (0: {ZERO_MEANS[field]})' if field in ZERO_MEANS else ''
-        raise ConfigError(f'config.{field} must be {valid.describe()}{zero}; got {one!r}.')
+        raise ConfigError(f'config.{field} must be {valid.describe()}; got {one!r}.')
 
 
 def validate(config, *, device_count: int, process_count: int = 1) -> None:

@@ -20,7 +20,7 @@ Splits = Mapping[str, tuple]
 
 
 def png(image: np.ndarray) -> bytes:
-  """A uint8 ``[H, W, C]`` image (C = 1 or 3) as PNG bytes."""
+  """A uint8 ``[H, W, C]`` image (C = 1, 3 or 4) as PNG bytes."""
   out = io.BytesIO()
   Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(out, format='PNG')
   return out.getvalue()
