@@ -27,6 +27,7 @@ import re
 import sys
 from typing import Optional
 
+from etils import epath
 import numpy as np
 
 from experiments.configs import baselines
@@ -87,9 +88,9 @@ def method_from_metrics(rows: list) -> str:
 
 def check(workdir: str) -> None:
   """Refuses a path that is no run's workdir (before the trainer's modules are imported)."""
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():         # a local folder or a bucket URL (gs://, s3://)
     raise ReportError(f'{workdir}: no such directory; pass run workdirs (e.g. workdirs/CONFIG/*).')
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  if not (epath.Path(workdir) / 'metrics.jsonl').exists():
     raise ReportError(f'{workdir} has no metrics.jsonl: pass the workdir of a run that has logged.')
 
 
@@ -110,7 +111,7 @@ def load(workdir: str) -> Run:
                       'repair it or leave that run out.') from None
   if not rows:
     raise ReportError(f'{workdir}/metrics.jsonl has no rows yet: leave that run out until it logs.')
-  if os.path.exists(os.path.join(workdir, run_config.FILENAME)):
+  if (epath.Path(workdir) / run_config.FILENAME).exists():
     return Run(workdir, config, rows, complete=True)
   parent, name = os.path.split(os.path.abspath(workdir))
   seed = SEED_SUFFIX.search(name)

@@ -4,7 +4,8 @@
 #   TPU_NAME=ghl-v4-32 ZONE=us-central2-b bash launch/tpu_pod.sh run \
 #       --config=experiments/configs/imagenet_resnet50_ghl.py --workdir=gs://BUCKET/r50_ghl
 # Each worker is one JAX process; jax.distributed discovers the slice from TPU metadata, and each
-# process reads its own slice of the data. The workdir must be shared (a GCS bucket).
+# process reads its own slice of the data. The workdir must be shared: a gs:// bucket (gcsfs, installed
+# by `install`) holds the checkpoints, and process 0 copies its logs up (README, "Train from a config").
 # Fault tolerance (README, "Fault tolerance"): as launch/gpu.sh, the watchdog is on
 # (--config.watchdog.enabled=False turns it off) and each worker's process is restarted on exit 75
 # (or 134, JAX's abort when a peer or the coordinator is gone; GHL_RESTARTS times, default 3), resuming from the last complete checkpoint; on exit 76 (SIGTERM
@@ -20,7 +21,7 @@ case "$cmd" in
       --accelerator-type "${ACCELERATOR:?set ACCELERATOR, e.g. v4-32}" --version "${TPU_VERSION:-tpu-ubuntu2204-base}";;
   install)
     ssh_all "git clone $REPO ghl_jax 2>/dev/null || git -C ghl_jax pull; cd ghl_jax && python3 -m venv .venv && \
-      .venv/bin/pip install -q -e '.[train]' 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
+      .venv/bin/pip install -q -e '.[train,gcs]' 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
   run)
     args=$(printf ' %q' "$@")
     ssh_all "cd ghl_jax && GHL_MULTIHOST=1 GHL_RESTARTS=${GHL_RESTARTS:-3} bash launch/restart.sh --watchdog \

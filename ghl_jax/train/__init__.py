@@ -9,7 +9,7 @@
     summary.py       parameters and FLOPs per module at the start of a run
     metrics.py       JSONL + TensorBoard, progress line;  plots.py: curves and receptive fields
     data/            tfds array_record input through grain, offline imports;  distributed.py: multi-host start-up
-    events.py        TensorBoard event files without TensorFlow
+    events.py        TensorBoard event files without TensorFlow;  workdir.py: local folder or gs:// bucket
 """
 try:
   from ghl_jax.train.loop import NumericalError, train_and_evaluate

@@ -7,27 +7,27 @@ A readable checkpoint whose tree or shapes differ from the train state is refuse
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from ghl_jax.train import workdir as workdir_lib
 from ghl_jax.train.validate import ConfigError
 
 
 def saved_steps(workdir: str) -> list[int]:
   """Steps of the complete checkpoints in ``workdir`` (read from the directory, nothing opened)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  names = os.listdir(directory) if os.path.isdir(directory) else []
+  directory = workdir_lib.path(workdir) / 'checkpoints'
+  names = [entry.name for entry in directory.iterdir()] if directory.is_dir() else []
   return sorted(int(name) for name in names if name.isdigit())
 
 
 def read_latest(workdir: str) -> dict:
   """The newest checkpoint in ``workdir`` as saved (the train state's dict), on this host's first
   device, whatever topology wrote it; nothing in the workdir changes."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = workdir_lib.path(workdir) / 'checkpoints'
   if not saved_steps(workdir):
     raise ValueError(f'No checkpoint in {directory}: train first or pass another workdir.')
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
@@ -49,7 +49,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int = 2, metadata: Optional[dict] = None):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = workdir_lib.path(workdir) / 'checkpoints'
     self.metadata = metadata
     self.manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -97,9 +97,9 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
-      path = os.path.join(self.directory, str(step))
-      if os.path.isdir(path):
-        os.replace(path, os.path.join(self.directory, f'corrupt-{step}'))
+      path = self.directory / str(step)
+      if path.is_dir():
+        path.rename(self.directory / f'corrupt-{step}')
     self.manager.reload()
 
   def wait(self) -> None:

@@ -50,9 +50,10 @@ from ghl_jax.train import steps as steps_lib
 from ghl_jax.train import validate
 from ghl_jax.train import run_config
 from ghl_jax.train import watchdog as watchdog_lib
+from ghl_jax.train import workdir as workdir_lib
 from ghl_jax.train.checkpoint import Checkpointer, saved_steps
 from ghl_jax.train import summary as summary_lib
-from ghl_jax.train.metrics import MetricWriter, Progress, StepProfiler, last_eval
+from ghl_jax.train.metrics import MetricWriter, Progress, StepProfiler, last_eval, profile_window
 
 
 class NumericalError(FloatingPointError):
@@ -177,7 +178,7 @@ def _peer_lost(error: Exception, dog: watchdog_lib.Watchdog) -> None:
 
 def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) -> dict:
   validate.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-  validate.check_workdir(workdir)
+  workdir_lib.check(workdir)
   try:
     data_lib.ensure_available(config.data)
   except data_lib.DatasetMissingError:
@@ -195,8 +196,7 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
 
   info = data_lib.info(config.data)
   total, per_epoch, first = methods.budget(config, info.num_train)
-  profiler = StepProfiler(config.get('profile_steps'), total, os.path.join(workdir, 'profile'),
-                          enabled=jax.process_index() == 0)
+  profile_window(config.get('profile_steps'), total)       # every process validates it
   model = build_model(config, info.num_classes)
   mesh = make_mesh()
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
@@ -232,6 +232,8 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
   eval_step = jax.jit(steps_lib.make_eval_step(model, conv_impl), out_shardings=replicated)
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
+  profiler = StepProfiler(config.get('profile_steps'), total, os.path.join(writer.logdir, 'profile'),
+                          enabled=is_main)
   writer.rewind(start)
   writer.write_config(config)
   model_summary = summary_lib.summarize(model, sample, selection)
@@ -285,6 +287,7 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
         if save_now:
           dog.enter('save', done)
           ckpt.save(done, state, force=True)
+          writer.sync()
         if stop:
           message = f'SIGTERM: process {jax.process_index()} saved step {done} with every process and stops.'
           logging.warning(message)

@@ -14,19 +14,28 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from ghl_jax.train import workdir as workdir_lib
 from ghl_jax.train.validate import ConfigError
 
 
 class MetricWriter:
-  """Appends ``{'step': s, 'time': unix time, **scalars}`` to ``workdir/metrics.jsonl`` and TensorBoard."""
+  """Appends ``{'step': s, 'time': unix time, **scalars}`` to ``workdir/metrics.jsonl`` and TensorBoard.
+
+  A bucket workdir's logs are written to a local staging folder (``logdir``) and copied up as they
+  grow, at every :meth:`sync` (after each checkpoint) and at :meth:`close` (:mod:`workdir`).
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.staging = workdir_lib.Staging(workdir) if enabled else None
+    self.logdir = self.staging.local if enabled else workdir
+    self.path = os.path.join(self.logdir, 'metrics.jsonl')
     self._tb = None
+    if enabled:
+      self.staging.fetch('metrics.jsonl')
     if enabled and tensorboard:
       from ghl_jax.train import events  # pylint: disable=import-outside-toplevel
-      self._tb = events.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = events.SummaryWriter(os.path.join(self.logdir, 'tensorboard'))
 
   def rewind(self, step: int) -> None:
     """Drops rows after ``step`` (the restored checkpoint): resumed runs log each step once."""
@@ -37,6 +46,7 @@ class MetricWriter:
     with open(self.path + '.tmp', 'w') as f:
       f.writelines(rows)
     os.replace(self.path + '.tmp', self.path)
+    self.staging.sync(force=True)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -49,6 +59,7 @@ class MetricWriter:
         if key not in ('step', 'time'):
           self._tb.scalar(key, value, step)
       self._tb.flush()
+    self.staging.sync()
 
   def write_config(self, config) -> None:
     """The resolved config: as HParams (dotted names) and whole as text, once per start."""
@@ -66,9 +77,16 @@ class MetricWriter:
     self._tb.image('receptive_fields', plots.field_image(_local(kernel)), step)
     self._tb.flush()
 
+  def sync(self) -> None:
+    """Copies the logs of a bucket workdir up now (the loop calls it after each checkpoint)."""
+    if self.enabled:
+      self.staging.sync(force=True)
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self.enabled:
+      self.staging.close()
 
 
 def _local(array) -> np.ndarray:
@@ -87,7 +105,7 @@ def _complete(line: str) -> bool:
 def read(workdir: str) -> list[dict]:
   """Rows of ``metrics.jsonl``; a step logged twice (after a resume) keeps its last row."""
   rows = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+  with (workdir_lib.path(workdir) / 'metrics.jsonl').open() as f:
     for line in f:
       if not _complete(line):
         continue
@@ -98,7 +116,7 @@ def read(workdir: str) -> list[dict]:
 
 def last_eval(workdir: str) -> dict:
   """The ``eval/*`` metrics of the last evaluation stored in ``workdir`` (``{}`` when there is none)."""
-  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+  if not (workdir_lib.path(workdir) / 'metrics.jsonl').exists():
     return {}
   evals = [row for row in read(workdir) if any(key.startswith('eval/') for key in row)]
   return {k: v for k, v in evals[-1].items() if k.startswith('eval/')} if evals else {}

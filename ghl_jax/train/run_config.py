@@ -7,8 +7,8 @@ the experiment differs (unless ``config.force``). Only the fields in :data:`RESU
 from __future__ import annotations
 
 import json
-import os
 
+from ghl_jax.train import workdir as workdir_lib
 from ghl_jax.train.validate import ConfigError
 
 FILENAME = 'config.json'
@@ -65,11 +65,10 @@ def flatten(config) -> dict:
 def read(workdir: str) -> dict | None:
   """The flat config saved in ``workdir`` (the legacy identity file if only that exists), else None."""
   for name in (FILENAME, LEGACY_FILENAME):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
+    path = workdir_lib.path(workdir) / name
+    if path.exists():
       try:
-        with open(path) as f:
-          return flatten(json.load(f))
+        return flatten(json.loads(path.read_text()))
       except (OSError, ValueError, AttributeError) as error:
         raise ConfigError(f'{path} is unreadable ({error}): restore it, or pass --config.force=True '
                           'to replace it with this config.') from None
@@ -78,14 +77,8 @@ def read(workdir: str) -> dict | None:
 
 def save(config, workdir: str) -> None:
   """Writes ``config`` to ``workdir/config.json`` atomically (a reader sees the old or the new file)."""
-  path = os.path.join(workdir, FILENAME)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=repr)
-    f.write('\n')
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=repr) + '\n'
+  workdir_lib.write_text(workdir_lib.path(workdir) / FILENAME, text)
 
 
 def changed_fields(saved: dict, mine: dict, *, legacy: bool = False) -> list[str]:
@@ -125,7 +118,7 @@ def check_resume(config, workdir: str, *, resuming: bool) -> list[str]:
   for field in sorted(f for f in RETIRED if f in saved and f not in mine):
     print(f'note: the saved run sets config.{field}, which this version no longer has ({RETIRED[field]}); '
           'resuming without it.', flush=True)
-  legacy = not os.path.exists(os.path.join(workdir, FILENAME))
+  legacy = not (workdir_lib.path(workdir) / FILENAME).exists()
   fields = changed_fields(saved, mine, legacy=legacy)
   if fields and not force:
     raise ConfigError(f'Workdir {workdir} belongs to another run ({describe(saved, mine, fields)}): use a '

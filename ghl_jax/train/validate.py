@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 from ghl_jax import models
@@ -183,13 +182,3 @@ def _validate_hebbian(config, device_count: int) -> None:
   if config.optimizer.name == 'paper_sgd' or (h.probe_schedule == 'halving' and config.optimizer.name != 'adam'):
     raise ConfigError(f'The probe of method hebbian trains with config.optimizer.name=momentum_sgd or adam '
                       f'(adam for probe_schedule=halving), got {config.optimizer.name!r}.')
-
-
-def check_workdir(workdir: str) -> None:
-  """The workdir exists (or can be created) and is writable."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as error:
-    raise ConfigError(f'Cannot create --workdir {workdir}: {error.strerror}; choose a writable directory.') from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ConfigError(f'--workdir {workdir} is not writable; choose a writable directory.')
