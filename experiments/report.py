@@ -349,7 +349,7 @@ def plot(rows: list, out: str) -> str:
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   aligned = bool(alignment_layers(rows))
-  fig = Figure(figsize=(12, 8.4) if aligned else (12, 4.2))
+  fig = Figure(figsize=(13, 8.4) if aligned else (12, 4.2), layout='constrained')
   FigureCanvasAgg(fig)
   if aligned:
     grid = fig.add_gridspec(2, len(ALIGNMENT))

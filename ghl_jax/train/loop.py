@@ -202,7 +202,8 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   sample = jnp.zeros((1,) + tuple(info.image_shape), jnp.float32)
   tx, phases, selection = methods.phases(config, model, sample, total, first)
-  forced = run_config.check_resume(config, workdir, resuming=bool(saved_steps(workdir)))
+  forced = run_config.check_resume(config, workdir, resuming=bool(saved_steps(workdir)),
+                                   announce=jax.process_index() == 0)
 
   def init_state(rng):
     init_rng, train_rng = jax.random.split(rng)

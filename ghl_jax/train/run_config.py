@@ -97,10 +97,11 @@ def describe(saved: dict, mine: dict, fields: list[str], *, shown: int = 4) -> s
   return text + (f'; also {", ".join(fields[shown:])}' if fields[shown:] else '')
 
 
-def check_resume(config, workdir: str, *, resuming: bool) -> list[str]:
+def check_resume(config, workdir: str, *, resuming: bool, announce: bool = True) -> list[str]:
   """Refuses to resume ``workdir`` with a config that changes the experiment, unless ``config.force``.
 
-  ``resuming``: the workdir holds checkpoints (else its saved config binds nothing). Returns the
+  ``resuming``: the workdir holds checkpoints (else its saved config binds nothing); ``announce``:
+  print the notes on retired fields (one process of a multi-host run does). Returns the
   changed fields that ``force`` lets through (empty when nothing that matters changed).
   """
   if not resuming:
@@ -115,7 +116,7 @@ def check_resume(config, workdir: str, *, resuming: bool) -> list[str]:
   if saved is None:
     return []
   mine = flatten(config)
-  for field in sorted(f for f in RETIRED if f in saved and f not in mine):
+  for field in sorted(f for f in RETIRED if f in saved and f not in mine and announce):
     print(f'note: the saved run sets config.{field}, which this version no longer has ({RETIRED[field]}); '
           'resuming without it.', flush=True)
   legacy = not (workdir_lib.path(workdir) / FILENAME).exists()
