@@ -17,7 +17,7 @@ exit 3
 """
 
 
-def run_launcher(tmp_path, **env):
+def run_launcher(tmp_path, *args, **env):
   root = tmp_path / 'repo'
   (root / 'launch').mkdir(parents=True)
   for name in ('gpu.sh', 'restart.sh'):                 # gpu.sh runs main through restart.sh
@@ -29,7 +29,7 @@ def run_launcher(tmp_path, **env):
   (bin_dir / 'activate').write_text(f'export PATH="{bin_dir}:$PATH"\n')
   for name in ('python', 'pip'):
     (bin_dir / name).chmod(0o755)
-  result = subprocess.run(['bash', str(root / 'launch' / 'gpu.sh'), '--workdir=w'], capture_output=True,
+  result = subprocess.run(['bash', str(root / 'launch' / 'gpu.sh'), '--workdir=w', *args], capture_output=True,
                           text=True, timeout=60, env={**os.environ, 'FAKE_READY': '0', 'FAKE_GPUS': '', **env})
   pip_log = tmp_path / 'pip.log'
   return result, pip_log.read_text() if pip_log.exists() else ''
@@ -48,4 +48,6 @@ def test_ready_venv_prints_its_gpus_and_trains(tmp_path):
   assert result.returncode == 0, result.stderr
   assert pip_log == ''
   assert ': 8 x NVIDIA H100' in result.stdout
-  assert result.stdout.strip().endswith('main --workdir=w')
+  assert result.stdout.strip().endswith('main --workdir=w --config.compute_dtype=auto')   # bf16 on the GPU
+  result, _ = run_launcher(tmp_path / 'own', '--config.compute_dtype', 'float32', FAKE_READY='1', FAKE_GPUS='1 x L4')
+  assert result.stdout.strip().endswith('main --workdir=w --config.compute_dtype float32')  # the user's choice
