@@ -234,7 +234,7 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
   is_main = jax.process_index() == 0
   writer = MetricWriter(workdir, enabled=is_main)
   profiler = StepProfiler(config.get('profile_steps'), total, os.path.join(writer.logdir, 'profile'),
-                          enabled=is_main)
+                          enabled=is_main, shown_as=f'{workdir}/profile')
   writer.rewind(start)
   writer.write_config(config)
   model_summary = summary_lib.summarize(model, sample, selection)

@@ -167,10 +167,11 @@ class StepProfiler:
   """A :mod:`jax.profiler` trace of train steps ``first..last`` (of :func:`profile_window`) into
   ``log_dir``; TensorBoard's profile plugin (``pip install tensorboard-plugin-profile``) shows it."""
 
-  def __init__(self, value, total_steps: int, log_dir: str, *, enabled: bool = True):
+  def __init__(self, value, total_steps: int, log_dir: str, *, enabled: bool = True, shown_as: str = ''):
     window = profile_window(value, total_steps)     # every process validates, the main one traces
     self.window = window if enabled else None
     self.log_dir = log_dir
+    self.shown_as = shown_as or log_dir             # where the user finds it (a bucket workdir's copy)
     self.active = False
 
   def before(self, step: int) -> None:
@@ -189,4 +190,4 @@ class StepProfiler:
     if self.active:
       jax.profiler.stop_trace()
       self.active = False
-      print(f'profile trace written to {self.log_dir}', flush=True)
+      print(f'profile trace written to {self.shown_as}', flush=True)
