@@ -189,3 +189,23 @@ def test_accumulation_compiles_both_forms():
   from benchmarks import accumulation  # pylint: disable=import-outside-toplevel
   rows = accumulation.main(['--micro', '1,2', '--width', '0.0625', '--batch', '4'])
   assert sorted(rows) == ['gemm', 'xla'] and all(len(v) == 2 and min(v) > 0 for v in rows.values())
+
+
+def test_horizon_table_counts_epochs_gaps_and_pace(tmp_path):
+  """Two runs' rows by hand: the gap per epoch, images/s as the median logged interval, and a
+  stopped stretch (> gap_s) left out of the training time."""
+  from benchmarks import horizon_table  # pylint: disable=import-outside-toplevel
+  for name, top1, align in (('ghl', (0.50, 0.60), 'cos_update'), ('bp', (0.55, 0.58), 'cos_magnitude')):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(json.dumps({'batch_size': 10}))
+    rows = [{'step': 5, 'time': 0.0, 'loss': 1.0, f'align/conv1/{align}': 0.2},
+            {'step': 10, 'time': 5.0, 'loss': 0.9, f'align/conv1/{align}': 0.4},
+            {'step': 10, 'time': 6.0, 'eval/top1': top1[0]},
+            {'step': 15, 'time': 5000.0, 'loss': 0.8},                  # resumed after a long stop
+            {'step': 20, 'time': 5010.0, 'loss': 0.7},
+            {'step': 20, 'time': 5011.0, 'eval/top1': top1[1]}]
+    (tmp_path / name / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  text = horizon_table.tables(str(tmp_path), gap_s=900)
+  assert '| 1 | 10 | 50.00 | 55.00 | -5.00 |' in text and '| 2 | 20 | 60.00 | 58.00 | +2.00 |' in text
+  assert '| GHL | 7.5 | 0.00 | 4 |' in text     # median of 50/5 and 50/10 img/s; the 4990 s stop left out
+  assert '| GHL | conv1 | 0.30 (0.20 → 0.40) | — |' in text and '| BP (shadow) | conv1 | — | 0.30' in text
