@@ -88,9 +88,14 @@ def method_from_metrics(rows: list) -> str:
 
 def check(workdir: str) -> None:
   """Refuses a path that is no run's workdir (before the trainer's modules are imported)."""
-  if not epath.Path(workdir).is_dir():         # a local folder or a bucket URL (gs://, s3://)
+  try:                                         # a local folder or a bucket URL (gs://, s3://)
+    found, logged = epath.Path(workdir).is_dir(), (epath.Path(workdir) / 'metrics.jsonl').exists()
+  except Exception as error:  # pylint: disable=broad-except  # no gcsfs / s3fs, or the store's own error
+    raise ReportError(f'{workdir}: cannot read it ({type(error).__name__}: {error}); a gs:// or s3:// '
+                      'workdir needs gcsfs or s3fs and this host\'s credentials.') from None
+  if not found:
     raise ReportError(f'{workdir}: no such directory; pass run workdirs (e.g. workdirs/CONFIG/*).')
-  if not (epath.Path(workdir) / 'metrics.jsonl').exists():
+  if not logged:
     raise ReportError(f'{workdir} has no metrics.jsonl: pass the workdir of a run that has logged.')
 
 

@@ -44,5 +44,5 @@ echo "[gpu] $(hostname): $gpus"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 # Computes in bfloat16 on the GPU (params, optimizer state and Hebbian sums stay float32; README,
 # "Speed"), unless the command line sets config.compute_dtype itself.
-case " $* " in *" --config.compute_dtype"*) ;; *) set -- "$@" --config.compute_dtype=auto ;; esac
+case " $* " in *" --config.compute_dtype"* | *" -config.compute_dtype"*) ;; *) set -- "$@" --config.compute_dtype=auto ;; esac
 exec bash launch/restart.sh --watchdog python -m experiments.main "$@"

@@ -23,7 +23,7 @@ case "$cmd" in
     ssh_all "git clone $REPO ghl_jax 2>/dev/null || git -C ghl_jax pull; cd ghl_jax && python3 -m venv .venv && \
       .venv/bin/pip install -q -e '.[train,gcs]' 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html";;
   run)                                    # bfloat16 on the TPU unless the command sets compute_dtype
-    case " $* " in *" --config.compute_dtype"*) ;; *) set -- "$@" --config.compute_dtype=auto ;; esac
+    case " $* " in *" --config.compute_dtype"* | *" -config.compute_dtype"*) ;; *) set -- "$@" --config.compute_dtype=auto ;; esac
     args=$(printf ' %q' "$@")
     ssh_all "cd ghl_jax && GHL_MULTIHOST=1 GHL_RESTARTS=${GHL_RESTARTS:-3} bash launch/restart.sh --watchdog \
       .venv/bin/python -m experiments.main$args";;

@@ -79,6 +79,18 @@ def test_resumable_fields_may_change(tiny_tfds, first_run, tmp_path):
   assert run_config.read(workdir)['num_train_steps'] == STEPS + 2
 
 
+def test_a_run_moved_to_bf16_hardware_resumes_in_bf16_with_a_note(tiny_tfds, first_run, tmp_path, capsys):
+  """compute_dtype may change on resume (a launcher on a GPU passes auto): params and optimizer state
+  stay float32, so the checkpoint restores; one line says the precision changed."""
+  workdir = copy_of(first_run, tmp_path)
+  train.train_and_evaluate(config_of(tiny_tfds, num_train_steps=STEPS + 1, eval_every_steps=STEPS + 1,
+                                     compute_dtype='bfloat16'), workdir)
+  assert max(train_times(workdir)) == STEPS + 1
+  assert ('note: the saved run computes in float32; it resumes in bfloat16 (config.compute_dtype; params '
+          'and optimizer state stay float32).') in capsys.readouterr().out
+  assert run_config.read(workdir)['compute_dtype'] == 'bfloat16'
+
+
 def test_a_retired_field_of_an_older_run_resumes_with_a_note(tiny_tfds, first_run, tmp_path, capsys):
   """A workdir saved when config.data.shuffle_buffer existed (the tf.data pipeline) resumes, with one
   line naming it; an unknown field that is not retired still refuses."""

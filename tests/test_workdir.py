@@ -64,6 +64,7 @@ def test_logs_reach_the_bucket_and_a_resume_goes_on_with_them(bucket):
   assert not writer.logdir.startswith('gs://')           # written locally, copied up whole
   for step in (1, 2, 3):
     writer.write(step, {'loss': 1.0 / step})
+  assert '/bucket/runs/ghl/metrics.jsonl' not in bucket.store   # copies as it grows: once a minute
   writer.sync()                                          # what the loop does after each checkpoint
   rows = [json.loads(line) for line in held(bucket, 'metrics.jsonl').decode().splitlines()]
   assert [r['step'] for r in rows] == [1, 2, 3] and rows[2]['loss'] == pytest.approx(1 / 3)
@@ -80,6 +81,10 @@ def test_logs_reach_the_bucket_and_a_resume_goes_on_with_them(bucket):
   resumed.close()
   assert [(r['step'], r['loss']) for r in metrics.read(RUN)] == [(1, 1.0), (2, 0.5), (3, 0.5)]
   assert metrics.last_eval(RUN) == {}
+  other_process = metrics.MetricWriter(RUN, enabled=False)  # only process 0 logs: no staging, no copy
+  other_process.write(9, {'loss': 0.1})
+  other_process.close()
+  assert [r['step'] for r in metrics.read(RUN)] == [1, 2, 3]
 
 
 def test_config_checkpoints_and_report_read_a_bucket_workdir(bucket):
@@ -119,6 +124,12 @@ def test_what_a_bucket_refuses_is_one_line(bucket, capsys):
   assert [r['step'] for r in metrics.read(RUN)] == [1, 2] and not os.path.exists(writer.logdir)
 
 
+def test_a_folder_that_etils_reads_as_a_bucket_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match=r'--workdir /gs/bucket/run reads as the bucket gs://bucket/run'):
+    workdir_lib.check('/gs/bucket/run')
+  workdir_lib.check(str(tmp_path / 'gs' / 'run'))          # a gs folder deeper down is a folder
+
+
 def test_a_missing_bucket_package_names_it(monkeypatch):
   monkeypatch.setenv('EPATH_USE_TF', 'false')
   for name in ('gs', 'gcs'):                        # as where gcsfs is not installed
@@ -129,6 +140,8 @@ def test_a_missing_bucket_package_names_it(monkeypatch):
   try:
     with pytest.raises(ConfigError, match=r'needs the gcsfs package: pip install gcsfs\.$'):
       workdir_lib.check(RUN)
+    with pytest.raises(report.ReportError, match=r'gs://bucket/runs/ghl: cannot read it \(ImportError'):
+      report.check(RUN)
   finally:
     _reset_epath_caches()
 

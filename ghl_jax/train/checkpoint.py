@@ -98,8 +98,17 @@ class Checkpointer:
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
       path = self.directory / str(step)
-      if path.is_dir():
-        path.rename(self.directory / f'corrupt-{step}')
+      aside = self.directory / f'corrupt-{step}'
+      for number in range(2, 100):              # an earlier one set aside at this step keeps its name
+        if not aside.exists():
+          break
+        aside = self.directory / f'corrupt-{step}-{number}'
+      try:
+        if path.is_dir():
+          path.rename(aside)
+      except OSError as error:
+        print(f'warning: could not move the unreadable checkpoint {path} aside ({error}); '
+              'move or delete it before the next save of that step.', flush=True)
     self.manager.reload()
 
   def wait(self) -> None:

@@ -302,9 +302,11 @@ def _train(config, workdir: str, tune_host: bool, dog: watchdog_lib.Watchdog) ->
   finally:
     profiler.stop()
     dog.enter('save', done)                  # the last save's background write ends here
-    ckpt.close()
-    writer.close()
-    preemption.restore()
+    try:
+      ckpt.close()
+    finally:
+      writer.close()                         # a bucket workdir's last log copy, even after a failed save
+      preemption.restore()
   return final or last_eval(workdir)
 
 

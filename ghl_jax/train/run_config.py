@@ -26,6 +26,8 @@ RESUMABLE = frozenset({
     'conv_impl',                                        # the same convolution by another kernel
     'force', 'sweep',                                   # switches of the command line and launcher
     'ghl.shadow',                                       # a BP run's diagnostics: what GHL would have done
+    'compute_dtype',                                    # the arithmetic's precision (params, optimizer state
+                                                        # stay float32): a run may move to other hardware
 }) | {f'watchdog.{name}' for name in (                  # fault tolerance: timeouts and grace periods
     'enabled', 'startup_s', 'restore_s', 'step_s', 'eval_s', 'save_s', 'step_factor', 'sigterm_grace_s',
     'heartbeat_s', 'shutdown_s')}
@@ -119,6 +121,10 @@ def check_resume(config, workdir: str, *, resuming: bool, announce: bool = True)
   for field in sorted(f for f in RETIRED if f in saved and f not in mine and announce):
     print(f'note: the saved run sets config.{field}, which this version no longer has ({RETIRED[field]}); '
           'resuming without it.', flush=True)
+  if announce and 'compute_dtype' in saved and saved['compute_dtype'] != mine.get('compute_dtype'):
+    print(f"note: the saved run computes in {saved['compute_dtype']}; it resumes in "
+          f"{mine.get('compute_dtype')} (config.compute_dtype; params and optimizer state stay float32).",
+          flush=True)
   legacy = not (workdir_lib.path(workdir) / FILENAME).exists()
   fields = changed_fields(saved, mine, legacy=legacy)
   if fields and not force:

@@ -4,8 +4,9 @@ Every file of a workdir is reached through :func:`path` (``etils.epath``; ``gcsf
 the URLs, as they serve orbax's checkpoints). A bucket object cannot be appended to, so a run's
 growing logs (``metrics.jsonl``, TensorBoard events, profiler traces) are written to a local
 :class:`Staging` folder and copied up whole: as they grow (at most every ``every_s`` seconds), after
-every checkpoint and at the end. Rows written after the last copy are lost with a killed host, but a
-resume drops the rows past its checkpoint anyway, and every checkpoint copies them first.
+every checkpoint and at the end. Rows written after the last copy are lost with a killed host; a
+resume drops the rows past its checkpoint anyway, and each save is followed by a copy (a copy that
+fails is one warning line and is tried again at the next).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def path(workdir) -> epath.Path:
 def check(workdir: str) -> None:
   """The workdir exists (or can be created) and this host can write to it; else one line saying why."""
   name = scheme(workdir)
+  if name is None and scheme(path(workdir)):       # etils reads a /gs/... folder as gs://...
+    raise ConfigError(f'--workdir {workdir} reads as the bucket {path(workdir)} (etils maps /gs/, /s3/, ... '
+                      'folders to buckets): write the URL for a bucket, or choose another folder.')
   if name is None:
     try:
       os.makedirs(workdir, exist_ok=True)
@@ -57,7 +61,7 @@ def check(workdir: str) -> None:
     raise ConfigError(f'--workdir {workdir} needs the {BUCKETS[name]} package: pip install {BUCKETS[name]}.') from None
   except Exception as error:  # pylint: disable=broad-except  # the store's own error: credentials, no bucket
     raise ConfigError(f'Cannot write to --workdir {workdir} ({_first_line(error)}); check the bucket '
-                      'name and this host\'s credentials.') from None
+                      f'name, this host\'s credentials and that {BUCKETS[name]} is installed.') from None
 
 
 def write_text(target: epath.Path, text: str) -> None:
@@ -80,7 +84,7 @@ class Staging:
 
   def __init__(self, workdir: str, *, every_s: float = 60.0):
     self.remote = path(workdir) if scheme(workdir) else None
-    self.local = tempfile.mkdtemp(prefix='ghl_jax-logs-') if self.remote else os.fspath(path(workdir))
+    self.local = tempfile.mkdtemp(prefix='ghl_jax-logs-') if self.remote else os.path.abspath(workdir)
     self.every_s = every_s
     self._copied = {}                 # relative path -> (size, mtime) when last copied up
     self._last = time.monotonic()
