@@ -21,4 +21,4 @@ from ghl_jax.transform import Hebbian, combine, ghl, hebbian_terms, selected_lay
 __all__ = ['Hebbian', 'Layer', 'Rule', 'Selection', 'accel', 'adapters', 'combine', 'diagnostics', 'ghl', 'hebbian',
            'hebbian_terms', 'models', 'nnx', 'optim', 'rules', 'selected_layers', 'selection', 'tap', 'trees',
            'value_and_grad']
-__version__ = '0.4.0'
+__version__ = '0.4.1'
