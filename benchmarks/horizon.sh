@@ -10,7 +10,9 @@
 # outlives the session. Run it again to resume: each run continues from its last checkpoint, a
 # finished run is skipped. CIFAR10_NPZ_DIR defaults to the shared offline copy beside the repo.
 # Env: EPOCHS (10), DTYPE (bfloat16 where the CPU has bf16 instructions, else float32), NICE (19:
-# the run takes only the cycles other work leaves). At the end: the report table and curves.
+# the run takes only the cycles other work leaves; set on the session's autogroup too, where the
+# kernel groups processes by session and nice alone would not yield). At the end: the report table
+# and curves, and benchmarks.horizon_table's per-epoch, pace and alignment tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
@@ -23,6 +25,9 @@ EPOCHS="${EPOCHS:-10}"
 if grep -q -m1 -o 'avx512_bf16\|amx_bf16' /proc/cpuinfo 2>/dev/null; then default_dtype=bfloat16; else default_dtype=float32; fi
 DTYPE="${DTYPE:-$default_dtype}"
 source launch/setup_env.sh
+# Under autogroup scheduling a process's nice only ranks it within its session; the group's own nice
+# ranks the session against the others (a run started with setsid is a session of its own).
+echo "${NICE:-19}" 2>/dev/null > /proc/self/autogroup || true
 mkdir -p "$ROOT"
 DATA_DIR="$ROOT/tfds_data"
 if ! python -m ghl_jax.train.data.offline cifar10 --data_dir "$DATA_DIR" --check 2>/dev/null; then
@@ -38,3 +43,4 @@ for METHOD in ghl bp; do
     --config.checkpoint_every_steps=250 "${shadow[@]}"
 done
 python -m experiments.report "$ROOT/ghl" "$ROOT/bp" --markdown --plot "$ROOT/horizon.png"
+python -m benchmarks.horizon_table "$ROOT"
