@@ -99,12 +99,13 @@ class Staging:
       f.write((self.remote / name).read_bytes())
     self._copied[name] = _stamp(local)
 
-  def sync(self, *, force: bool = False) -> None:
+  def sync(self, *, force: bool = False) -> int:
     """Copies up every file that changed since its last copy (unless the last sync is under
-    ``every_s`` old and not ``force``). A failed copy is one line and is tried again next time."""
+    ``every_s`` old and not ``force``); returns how many copies failed. A failed copy is one line and
+    is tried again next time."""
     if self.remote is None or (not force and time.monotonic() - self._last < self.every_s):
-      return
-    self._last = time.monotonic()
+      return 0
+    self._last, failed = time.monotonic(), 0
     for root, _, files in os.walk(self.local):
       for file in files:
         local = os.path.join(root, file)
@@ -118,16 +119,16 @@ class Staging:
             (self.remote / name).write_bytes(f.read())
           self._copied[name] = stamp
         except Exception as error:  # pylint: disable=broad-except  # the run goes on; the copy is retried
+          failed += 1
           print(f'warning: could not copy {name} to {self.remote} ({_first_line(error)}); '
                 f'it stays in {self.local} and is tried again.', flush=True)
+    return failed
 
   def close(self) -> None:
     """The last copy; the local folder is removed once everything in it is up."""
     if self.remote is None:
       return
-    self.sync(force=True)
-    if all(self._copied.get(os.path.relpath(os.path.join(root, f), self.local)) == _stamp(os.path.join(root, f))
-           for root, _, files in os.walk(self.local) for f in files):
+    if not self.sync(force=True):
       shutil.rmtree(self.local, ignore_errors=True)
     else:
       print(f'warning: some logs could not be copied to {self.remote}; they are kept in {self.local}.', flush=True)
